@@ -1,0 +1,33 @@
+# privedge: sudo make demo | sudo make test (both set the machine up first)
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export PYTHONDONTWRITEBYTECODE := 1
+
+.PHONY: setup test test-unit test-bpf test-integration lint demo bench-xdp clean
+
+setup:
+	bash scripts/setup.sh
+
+lint: setup
+	$(VENV)/bin/ruff check agent control lab bench tests
+
+test: setup lint
+	$(PY) -m pytest tests/unit tests/bpf tests/integration
+
+test-unit:
+	$(PY) -m pytest tests/unit
+
+test-bpf:
+	$(PY) -m pytest tests/bpf
+
+test-integration:
+	$(PY) -m pytest tests/integration
+
+demo: setup
+	$(PY) -m lab.demo
+
+bench-xdp: setup
+	$(PY) -m bench.xdp
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,44 @@
+"""Apply a rule set to an interface: as a new generation, or live in place.
+
+Callers hold the node's lock. Both paths compile first, so invalid input or
+a list over capacity raises before any map is touched, and both save the
+applied rule set to the run directory (agent/catalog.py) after success.
+"""
+
+from __future__ import annotations
+
+import time
+
+from agent import catalog
+from agent.compile import compile_rules
+from agent.generation import KINDS, apply_compiled
+from agent.live import apply_live
+from agent.node import Node
+from agent.rules import RuleSet
+
+# What each kind of change has to rebuild (params always: it names the generation).
+LIMITS_ONLY = ("params",)
+L4_ONLY = ("params", "l4ports")
+
+
+def apply_generation(node: Node, rules: RuleSet,
+                     kinds: tuple[str, ...] = KINDS) -> dict[str, object]:
+    """Compile, build and swap in a new generation; returns a report."""
+    t0 = time.perf_counter()
+    generation = node.active().generation + 1
+    compiled = compile_rules(rules, generation)
+    t1 = time.perf_counter()
+    timings = apply_compiled(node, compiled, rules.capacity, kinds)
+    catalog.save(node.run_dir, rules)
+    return {"generation": generation, "compile_s": round(t1 - t0, 4),
+            **{k: round(v, 4) for k, v in timings.items()},
+            "total_s": round(time.perf_counter() - t0, 4), "counts": compiled.counts}
+
+
+def apply_changes(node: Node, rules: RuleSet) -> dict[str, object]:
+    """Change the live generation in place (small edits, expiry sweeps)."""
+    t0 = time.perf_counter()
+    changed = apply_live(node, rules)
+    catalog.save(node.run_dir, rules)
+    return {"generation": node.active().generation, **changed,
+            "total_s": round(time.perf_counter() - t0, 4)}

@@ -1,0 +1,62 @@
+"""The rule set as last applied to an interface, kept in its run directory.
+
+The compiled maps cannot be turned back into the operator's prefixes (a
+/16 became 256 summary entries), so every writer saves the RuleSet it
+applied next to the lock: rules.npz, written to a temporary file and
+renamed. `privedge deny list` and live updates start from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from agent.config import Capacity, L4Rule, Limits
+from agent.prefixes import PrefixTables
+from agent.rules import DENY_SOURCES, RuleSet
+
+FILE = "rules.npz"
+
+
+def save(run_dir: Path, rules: RuleSet) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    for name, tables in [*((f"deny_{s}", rules.deny[s]) for s in DENY_SOURCES),
+                         ("allow", rules.allow), ("bogons", rules.bogons)]:
+        arrays[f"{name}_v4"], arrays[f"{name}_v6"] = tables.v4, tables.v6
+    meta = {
+        "l4_rules": [r.model_dump(mode="json") for r in rules.l4_rules],
+        "limits": rules.limits.model_dump(mode="json"),
+        "public": rules.public,
+        "capacity": rules.capacity.model_dump(mode="json"),
+    }
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = run_dir / f"{FILE}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, run_dir / FILE)
+
+
+def load(run_dir: Path) -> RuleSet | None:
+    """The saved rule set, or None when there is none yet."""
+    path = run_dir / FILE
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(str(z["meta"]))
+
+        def tables(name: str) -> PrefixTables:
+            return PrefixTables(z[f"{name}_v4"], z[f"{name}_v6"])
+
+        return RuleSet(
+            deny={s: tables(f"deny_{s}") for s in DENY_SOURCES},
+            allow=tables("allow"),
+            bogons=tables("bogons"),
+            l4_rules=tuple(L4Rule.model_validate(r) for r in meta["l4_rules"]),
+            limits=Limits.model_validate(meta["limits"]),
+            public=meta["public"],
+            capacity=Capacity.model_validate(meta["capacity"]),
+        )

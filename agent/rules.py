@@ -1,0 +1,73 @@
+"""The rule set of one interface: what the filter enforces, before compiling.
+
+Deny entries come from three sources, each replaced on its own:
+  config  the node config's deny prefixes and files (replaced on reload)
+  list    the last `privedge deny load FILE` (replaced by the next load)
+  adhoc   `privedge deny add` entries, optionally expiring
+The compiled form (agent/compile.py) merges them; an entry in two sources
+counts with the later expiry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.config import Capacity, L4Rule, Limits, NodeConfig
+from agent.prefixes import PrefixTables, parse_file
+
+DENY_SOURCES = ("config", "list", "adhoc")
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    deny: dict[str, PrefixTables]
+    allow: PrefixTables
+    bogons: PrefixTables
+    l4_rules: tuple[L4Rule, ...]
+    limits: Limits
+    public: bool
+    capacity: Capacity = field(default_factory=Capacity)
+
+    def with_deny(self, source: str, tables: PrefixTables) -> RuleSet:
+        if source not in DENY_SOURCES:
+            raise ValueError(f"unknown deny source {source!r}")
+        return dataclasses.replace(self, deny={**self.deny, source: tables})
+
+    def replace(self, **changes) -> RuleSet:
+        return dataclasses.replace(self, **changes)
+
+    def deny_all(self) -> PrefixTables:
+        """Every deny entry of every source (duplicates included)."""
+        tabs = [self.deny[s] for s in DENY_SOURCES if s in self.deny]
+        if not tabs:
+            return PrefixTables.empty()
+        return PrefixTables(np.concatenate([t.v4 for t in tabs]),
+                            np.concatenate([t.v6 for t in tabs]))
+
+
+def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet:
+    """The config's rules; `keep` carries the operator's list and adhoc denies.
+
+    Reads the config's deny files: raises PrefixError naming the bad line.
+    """
+    config_deny = PrefixTables.from_prefixes(cfg.prefixes(cfg.deny.prefixes))
+    for path in cfg.deny.files:
+        t = parse_file(path)
+        config_deny = PrefixTables(np.concatenate([config_deny.v4, t.v4]),
+                                   np.concatenate([config_deny.v6, t.v6]))
+    deny = {s: PrefixTables.empty() for s in DENY_SOURCES}
+    if keep is not None:
+        deny.update({s: keep.deny[s] for s in ("list", "adhoc") if s in keep.deny})
+    deny["config"] = config_deny
+    return RuleSet(
+        deny=deny,
+        allow=PrefixTables.from_prefixes(cfg.prefixes(cfg.allow)),
+        bogons=PrefixTables.from_prefixes(cfg.prefixes(cfg.bogons)),
+        l4_rules=cfg.l4_rules,
+        limits=cfg.limits,
+        public=cfg.public,
+        capacity=cfg.capacity,
+    )

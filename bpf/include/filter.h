@@ -1,0 +1,272 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR Apache-2.0) */
+/*
+ * filter.h - stage 3 of the edge program: drop attack traffic by address.
+ *
+ * Included by bpf/edge.c after pe_maps.h and parse.h. Order: denylist,
+ * bogons, L4 rules, rate limits; the first that says drop names the
+ * reason, and an allowlisted source overrides any of them. The allowlist is
+ * consulted only on that drop path, so passing traffic never pays for it.
+ *
+ * IPv4 sources go through the /24 summary first (one cache line for most
+ * packets); see bpf/README.md for why it is shaped this way.
+ */
+#ifndef PE_FILTER_H
+#define PE_FILTER_H
+
+#include "pe_abi.h"
+#include "parse.h"
+
+/* The live generation as one packet sees it: the slot is read once, so a
+ * packet never mixes the maps of two generations. */
+struct pe_gen {
+	__u32 slot;
+	struct pe_params *params;
+};
+
+/* Deny LPM entries carry an expiry; the agent stores in each entry the
+ * latest expiry of every entry containing it, so the longest match alone
+ * answers for the whole chain. */
+static __always_inline int lpm_deny_hit(void *lpm, void *key)
+{
+	struct pe_lpm_val *v;
+
+	if (!lpm)
+		return 0;
+	v = bpf_map_lookup_elem(lpm, key);
+	return v && (!v->expires_ns || v->expires_ns > bpf_ktime_get_ns());
+}
+
+static __always_inline int lpm_member(void *lpm, void *key)
+{
+	return lpm && bpf_map_lookup_elem(lpm, key);
+}
+
+/* State of the source's /24 in the summary (enum pe_sum_state). */
+static __always_inline __u32 sum4_state(struct pe_gen *g, __u32 addr)
+{
+	void *sum = pe_d4sum_v1.lookup(&g->slot);
+	__u32 idx = addr >> PE_SUM_WORD_SHIFT;
+	__u64 *word;
+
+	if (!sum)
+		return PE_SUM_SLOW;
+	word = bpf_map_lookup_elem(sum, &idx);
+	if (!word)
+		return PE_SUM_SLOW;
+	return (*word >> (((addr >> 8) & 31) * PE_SUM_BITS)) & 3;
+}
+
+/* Is `a` in one bucket? Two slots per u64 word: a 32-bit lane of
+ * (word ^ aa) is zero exactly where the slot holds `a` (SWAR zero test),
+ * and no branch per slot keeps the verifier's path count flat. */
+static __always_inline int exact4_bucket_has(struct pe_exact_bucket *b, __u32 a)
+{
+	__u64 aa = ((__u64)a << 32) | a, acc = 0;
+	__u64 *w = (__u64 *)b->slot;
+
+#pragma unroll
+	for (int i = 0; i < PE_EXACT_SLOTS / 2; i++) {
+		__u64 x = w[i] ^ aa;
+		acc |= (x - 0x0000000100000001ULL) & ~x;
+	}
+	return (acc & 0x8000000080000000ULL) != 0;
+}
+
+/* Is `a` (host order, non-zero) an exact /32 deny? Bucket h2 holds
+ * spill-over only while h1 is full, so a miss in a non-full h1 is final. */
+static __always_inline int exact4_has(struct pe_gen *g, __u32 a)
+{
+	void *tab = pe_d4exact_v1.lookup(&g->slot);
+	__u32 shift = g->params->exact_shift;
+	struct pe_exact_bucket *b;
+	__u32 h;
+
+	if (!tab || !a)
+		return 0;
+	h = (a * PE_EXACT_MUL1) >> shift;
+	b = bpf_map_lookup_elem(tab, &h);
+	if (!b)
+		return 0;
+	if (exact4_bucket_has(b, a))
+		return 1;
+	if (!b->slot[PE_EXACT_SLOTS - 1])
+		return 0;
+	h = ((a ^ PE_EXACT_XOR2) * PE_EXACT_MUL2) >> shift;
+	b = bpf_map_lookup_elem(tab, &h);
+	return b && exact4_bucket_has(b, a);
+}
+
+static __always_inline __u32 deny4(struct pe_gen *g, struct pe_pkt *p, __u32 state)
+{
+	struct pe_lpm4_key key = { .prefixlen = 32, .addr = p->saddr4 };
+	__u32 a = bpf_ntohl(p->saddr4);
+
+	void *lpm;
+
+	switch (state) {
+	case PE_SUM_CLEAN:
+		return 0;
+	case PE_SUM_DENY:
+		return 1;
+	case PE_SUM_EXACT:
+		return exact4_has(g, a);
+	}
+	if (exact4_has(g, a))
+		return 1;
+	lpm = pe_d4lpm_v1.lookup(&g->slot);
+	return lpm_deny_hit(lpm, &key);
+}
+
+static __always_inline int deny6(struct pe_gen *g, struct pe_pkt *p)
+{
+	struct pe_lpm6_key key = { .prefixlen = 128 };
+	void *lpm = pe_d6lpm_v1.lookup(&g->slot);
+
+	__builtin_memcpy(key.addr, &p->saddr6, sizeof(key.addr));
+	return lpm_deny_hit(lpm, &key);
+}
+
+/* Bogon and allowlisted /24s are SLOW in the summary: for IPv4 sources in
+ * any other /24 the answer is no without a lookup. */
+static __always_inline int bogon(struct pe_gen *g, struct pe_pkt *p, __u32 state)
+{
+	struct pe_lpm4_key k4 = { .prefixlen = 32, .addr = p->saddr4 };
+	struct pe_lpm6_key k6 = { .prefixlen = 128 };
+	void *lpm;
+
+	if (!(g->params->flags & PE_F_BOGONS))
+		return 0;
+	if (p->l3_proto == ETH_P_IP) {
+		if (state != PE_SUM_SLOW)
+			return 0;
+		lpm = pe_b4lpm_v1.lookup(&g->slot);
+		return lpm_member(lpm, &k4);
+	}
+	__builtin_memcpy(k6.addr, &p->saddr6, sizeof(k6.addr));
+	lpm = pe_b6lpm_v1.lookup(&g->slot);
+	return lpm_member(lpm, &k6);
+}
+
+static __always_inline int allowed(struct pe_gen *g, struct pe_pkt *p, __u32 state)
+{
+	struct pe_lpm4_key k4 = { .prefixlen = 32, .addr = p->saddr4 };
+	struct pe_lpm6_key k6 = { .prefixlen = 128 };
+	void *lpm;
+
+	if (p->l3_proto == ETH_P_IP) {
+		if (state != PE_SUM_SLOW)
+			return 0;
+		lpm = pe_a4lpm_v1.lookup(&g->slot);
+		return lpm_member(lpm, &k4);
+	}
+	__builtin_memcpy(k6.addr, &p->saddr6, sizeof(k6.addr));
+	lpm = pe_a6lpm_v1.lookup(&g->slot);
+	return lpm_member(lpm, &k6);
+}
+
+/* First L4 rule matching protocol and ports; 1 if it drops. */
+static __always_inline int l4_rule_drops(struct pe_gen *g, struct pe_pkt *p)
+{
+	void *ports = pe_l4ports_v1.lookup(&g->slot);
+	struct pe_l4_ports *ps, *pd;
+	__u32 cls, si, di, m;
+
+	if (!ports)
+		return 0;
+	if (p->has_ports) {
+		cls = p->l4_proto == IPPROTO_TCP ? PE_L4_TCP : PE_L4_UDP;
+		si = cls * PE_L4_PORTS + p->sport;
+		di = cls * PE_L4_PORTS + p->dport;
+	} else if (p->l4_proto != IPPROTO_TCP && p->l4_proto != IPPROTO_UDP) {
+		si = di = PE_L4_OTHER * PE_L4_PORTS + p->l4_proto;
+	} else {
+		return 0;       /* a later TCP/UDP fragment: no ports to match */
+	}
+	ps = bpf_map_lookup_elem(ports, &si);
+	pd = bpf_map_lookup_elem(ports, &di);
+	if (!ps || !pd)
+		return 0;
+	m = ps->src_rules & pd->dst_rules;
+	m &= -m;
+	return (m & g->params->l4_drop_rules) != 0;
+}
+
+/*
+ * GCRA token bucket: a source may run burst_ns ahead of its rate. The
+ * state is shared by all CPUs, so it moves by compare-and-swap; a lost
+ * race is retried once and then counted as a pass (never a false drop).
+ */
+static __always_inline int rate_exceeded(struct pe_pkt *p, struct pe_rate *r, __u32 kind)
+{
+	struct pe_rl_key key = { .kind = kind };
+	struct pe_rl_val *v;
+	__u64 now, tat, next;
+
+	if (!r->interval_ns)
+		return 0;
+	if (p->l3_proto == ETH_P_IP) {
+		key.addr[2] = bpf_htonl(0xffff);
+		key.addr[3] = p->saddr4;
+	} else {
+		/* IPv6 sources are limited per /64: one host owns at least that. */
+		__builtin_memcpy(key.addr, &p->saddr6, 8);
+	}
+	now = bpf_ktime_get_ns();
+	v = pe_rl_v1.lookup(&key);
+	if (!v) {
+		struct pe_rl_val init = { .tat_ns = now + r->interval_ns };
+		pe_rl_v1.update(&key, &init);
+		return 0;
+	}
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		tat = *(volatile __u64 *)&v->tat_ns;
+		next = (tat > now ? tat : now) + r->interval_ns;
+		if (next - now > r->burst_ns)
+			return 1;
+		if (__sync_val_compare_and_swap(&v->tat_ns, tat, next) == tat)
+			return 0;
+	}
+	return 0;
+}
+
+/* Stage 3. Returns PE_R_PASS or the reason to drop (or PE_R_PASS_*). */
+static __always_inline __u32 stage_filter(struct pe_pkt *p)
+{
+	__u32 zero = 0, state = PE_SUM_CLEAN, reason = PE_R_PASS;
+	struct pe_active *act = pe_active_v1.lookup(&zero);
+	struct pe_gen g;
+
+	if (!act)
+		return PE_R_PASS_NO_RULES;
+	g.slot = act->slot;
+	g.params = NULL;
+	void *pm = pe_params_v1.lookup(&g.slot);
+	if (pm)
+		g.params = bpf_map_lookup_elem(pm, &zero);
+	if (!g.params)
+		return PE_R_PASS_NO_RULES;
+
+	if (p->l3_proto == ETH_P_IP) {
+		state = sum4_state(&g, bpf_ntohl(p->saddr4));
+		if (deny4(&g, p, state))
+			reason = PE_R_DROP_DENYLIST;
+	} else if (deny6(&g, p)) {
+		reason = PE_R_DROP_DENYLIST;
+	}
+	if (reason == PE_R_PASS && bogon(&g, p, state))
+		reason = PE_R_DROP_BOGON;
+	if (reason == PE_R_PASS && l4_rule_drops(&g, p))
+		reason = PE_R_DROP_L4_RULE;
+	if (reason == PE_R_PASS) {
+		if (p->tcp_syn && rate_exceeded(p, &g.params->syn, PE_RL_SYN))
+			reason = PE_R_DROP_RATE_SYN;
+		else if (p->l4_proto == IPPROTO_UDP && rate_exceeded(p, &g.params->udp, PE_RL_UDP))
+			reason = PE_R_DROP_RATE_UDP;
+	}
+	if (reason != PE_R_PASS)
+		return allowed(&g, p, state) ? PE_R_PASS_ALLOW : reason;
+	return p->nonfirst_frag ? PE_R_PASS_FRAGMENT : PE_R_PASS;
+}
+
+#endif /* PE_FILTER_H */
