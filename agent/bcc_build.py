@@ -92,8 +92,9 @@ def load(which: str, pin_dir: Path, cap: Capacity, extra: tuple[str, ...] = ()) 
         raise BuildError("bcc is missing: install python3-bpfcc (sudo make setup)") from e
     src, func = PROGRAMS[which]
     try:
-        module = BPF(text=amalgamate(BPF_DIR / src), cflags=cflags(pin_dir, cap, extra))
-        fn = module.load_func(func, BPF.XDP)
+        module = BPF(text=amalgamate(BPF_DIR / src).encode(),
+                     cflags=cflags(pin_dir, cap, extra))
+        fn = module.load_func(func.encode(), BPF.XDP)
     except Exception as e:  # bcc raises plain Exception with the verifier log printed
         raise BuildError(f"{src}: {e}") from e
     return Loaded(which, fn.fd, lb.prog_info(fn.fd).tag, module)

@@ -22,7 +22,7 @@ from agent import abi, catalog, xdp_link
 from agent import libbpf as lb
 from agent.apply import apply_generation
 from agent.bcc_build import load, pin_program
-from agent.config import NodeConfig
+from agent.config import Capacity, NodeConfig
 from agent.node import PROG_EDGE, PROG_ROOT, Node, NodeError, ensure_bpffs
 from agent.rules import ruleset_from_config
 
@@ -60,6 +60,47 @@ def set_edge_program(node: Node, prog_fd: int) -> None:
     pin_program(prog_fd, node.prog_path(PROG_EDGE))
 
 
+def ensure_state(node: Node, cap: Capacity, phase: Phase = _quiet) -> bool:
+    """Create the pinned state if missing (staged, then renamed); open it.
+
+    Returns True when it was created. The caller holds the node's lock.
+    """
+    created = not node.exists
+    if created:
+        phase("state", f"creating {node.pin_dir}")
+        staging = node.staging_dir()
+        try:
+            node.create_outers(staging, cap)
+            phase("compile", "root.c")
+            root = load("root", staging, cap)
+            pin_program(root.fd, str(staging / PROG_ROOT))
+            root.release()
+            node.commit(staging)
+        except BaseException:
+            if staging.exists():
+                shutil.rmtree(staging)
+            raise
+    else:
+        phase("state", f"adopting {node.pin_dir}")
+    node.open()
+    return created
+
+
+def upgrade_edge(node: Node, cap: Capacity, phase: Phase = _quiet,
+                 extra_cflags: tuple[str, ...] = ()) -> str:
+    """Load the edge program afresh and swap it into the program array.
+
+    The swap is one map update: packets run the old program until it and
+    the new one after, never nothing. Returns the new program's tag.
+    """
+    phase("compile", "edge.c")
+    edge = load("edge", node.pin_dir, cap, extra_cflags)
+    phase("upgrade", f"edge program {edge.tag} into pe_progs")
+    set_edge_program(node, edge.fd)
+    edge.release()
+    return edge.tag
+
+
 def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
     """Protect cfg.interface; idempotent. The caller may close the node."""
     phase("netns", cfg.netns or "(current)")
@@ -70,38 +111,14 @@ def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
     ensure_bpffs()
     node = Node(cfg.interface, cfg.bpffs, cfg.run_dir)
     with node.lock():
-        created = not node.exists
-        if created:
-            phase("state", f"creating {node.pin_dir}")
-            staging = node.staging_dir()
-            try:
-                node.create_outers(staging, cfg.capacity)
-                phase("compile", "root.c")
-                root = load("root", staging, cfg.capacity)
-                pin_program(root.fd, str(staging / PROG_ROOT))
-                root.release()
-                node.commit(staging)
-            except BaseException:
-                if staging.exists():
-                    shutil.rmtree(staging)
-                raise
-        else:
-            phase("state", f"adopting {node.pin_dir}")
-        node.open()
-
-        phase("compile", "edge.c")
-        edge = load("edge", node.pin_dir, cfg.capacity)
-        phase("upgrade", f"edge program {edge.tag} into pe_progs")
-        set_edge_program(node, edge.fd)
-        edge.release()
-
+        created = ensure_state(node, cfg.capacity, phase)
+        tag = upgrade_edge(node, cfg.capacity, phase)
         phase("rules", "applying the config as a new generation")
         keep = catalog.load(node.run_dir)
         report = apply_generation(node, ruleset_from_config(cfg, keep))
         phase("rules", f"generation {report['generation']} live in {report['total_s']}s")
-
         attach_root(node, phase)
-    return Started(node, created, edge.tag, int(report["generation"]))
+    return Started(node, created, tag, int(report["generation"]))
 
 
 def attach_root(node: Node, phase: Phase = _quiet) -> None:
