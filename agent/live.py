@@ -160,19 +160,22 @@ def apply_live(node: Node, rules: RuleSet, clock: Clock | None = None) -> dict[s
             lb.map_lookup(fds["params"], ctypes.c_uint32(0), ctypes.sizeof(abi.Params)))
         buckets = lb.map_info(fds["d4exact"]).max_entries
         bsize = INNER["d4exact"].value_size
+        with _mapped(fds["d4exact"], buckets, bsize, write=False) as mm:
+            view = np.frombuffer(mm, np.uint32, count=buckets * abi.EXACT_SLOTS)
+            plan = ExactPlan(view.reshape(buckets, abi.EXACT_SLOTS), params.exact_shift)
+            del view  # the plan works on its own copy
+        # Compiling may refuse the change; nothing has been written yet.
+        c = compile_rules(rules, int(params.generation), clock, placer=plan)
+        diffs = {}
+        for kind in TRIES:
+            t = getattr(c, kind)
+            keys, vals = lpm4_arrays(t) if kind[1] == "4" else lpm6_arrays(t)
+            diffs[kind] = _trie_diff(fds[kind], kind, keys, vals,
+                                     lb.map_info(fds[kind]).max_entries)
+        # 1 exact table
         with _mapped(fds["d4exact"], buckets, bsize, write=True) as mm:
             table = np.frombuffer(mm, np.uint32, count=buckets * abi.EXACT_SLOTS).reshape(
                 buckets, abi.EXACT_SLOTS)
-            plan = ExactPlan(table, params.exact_shift)
-            # Compiling may refuse the change; nothing has been written yet.
-            c = compile_rules(rules, int(params.generation), clock, placer=plan)
-            diffs = {}
-            for kind in TRIES:
-                t = getattr(c, kind)
-                keys, vals = lpm4_arrays(t) if kind[1] == "4" else lpm6_arrays(t)
-                diffs[kind] = _trie_diff(fds[kind], kind, keys, vals,
-                                         lb.map_info(fds[kind]).max_entries)
-            # 1 exact table
             for bucket, slot, value in plan.writes:
                 table[bucket, slot] = value
             del table

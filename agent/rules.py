@@ -31,9 +31,14 @@ class RuleSet:
     public: bool
     capacity: Capacity = field(default_factory=Capacity)
 
+    def __post_init__(self) -> None:
+        unknown = set(self.deny) - set(DENY_SOURCES)
+        if unknown:
+            raise ValueError(f"unknown deny source(s) {sorted(unknown)}")
+        full = {s: self.deny.get(s, PrefixTables.empty()) for s in DENY_SOURCES}
+        object.__setattr__(self, "deny", full)
+
     def with_deny(self, source: str, tables: PrefixTables) -> RuleSet:
-        if source not in DENY_SOURCES:
-            raise ValueError(f"unknown deny source {source!r}")
         return dataclasses.replace(self, deny={**self.deny, source: tables})
 
     def replace(self, **changes) -> RuleSet:
@@ -41,9 +46,7 @@ class RuleSet:
 
     def deny_all(self) -> PrefixTables:
         """Every deny entry of every source (duplicates included)."""
-        tabs = [self.deny[s] for s in DENY_SOURCES if s in self.deny]
-        if not tabs:
-            return PrefixTables.empty()
+        tabs = [self.deny[s] for s in DENY_SOURCES]
         return PrefixTables(np.concatenate([t.v4 for t in tabs]),
                             np.concatenate([t.v6 for t in tabs]))
 
@@ -58,10 +61,9 @@ def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet
         t = parse_file(path)
         config_deny = PrefixTables(np.concatenate([config_deny.v4, t.v4]),
                                    np.concatenate([config_deny.v6, t.v6]))
-    deny = {s: PrefixTables.empty() for s in DENY_SOURCES}
+    deny = {"config": config_deny}
     if keep is not None:
-        deny.update({s: keep.deny[s] for s in ("list", "adhoc") if s in keep.deny})
-    deny["config"] = config_deny
+        deny.update({s: keep.deny[s] for s in ("list", "adhoc")})
     return RuleSet(
         deny=deny,
         allow=PrefixTables.from_prefixes(cfg.prefixes(cfg.allow)),

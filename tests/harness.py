@@ -45,7 +45,8 @@ class EdgeUnderTest:
     # rules ---------------------------------------------------------------------
 
     def base_rules(self, **cfg) -> RuleSet:
-        return ruleset_from_config(NodeConfig(interface="tr0", **cfg))
+        """The config's defaults, but no bogon check: tests use TEST-NET sources."""
+        return ruleset_from_config(NodeConfig(interface="tr0", **{"role": "backbone", **cfg}))
 
     def apply(self, rules: RuleSet) -> dict:
         with self.node.lock():
