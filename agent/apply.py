@@ -14,6 +14,7 @@ from agent.compile import compile_rules
 from agent.generation import KINDS, apply_compiled
 from agent.live import apply_live
 from agent.node import Node
+from agent.prefixes import PrefixTables
 from agent.rules import RuleSet
 
 # What each kind of change has to rebuild (params always: it names the generation).
@@ -30,15 +31,40 @@ def apply_generation(node: Node, rules: RuleSet,
     t1 = time.perf_counter()
     timings = apply_compiled(node, compiled, rules.capacity, kinds)
     catalog.save(node.run_dir, rules)
-    return {"generation": generation, "compile_s": round(t1 - t0, 4),
-            **{k: round(v, 4) for k, v in timings.items()},
-            "total_s": round(time.perf_counter() - t0, 4), "counts": compiled.counts}
+    report = {"kind": "generation", "generation": generation, "at": time.time(),
+              "compile_s": round(t1 - t0, 4), **{k: round(v, 4) for k, v in timings.items()},
+              "total_s": round(time.perf_counter() - t0, 4), "counts": compiled.counts}
+    catalog.save_report(node.run_dir, report)
+    return report
 
 
 def apply_changes(node: Node, rules: RuleSet) -> dict[str, object]:
     """Change the live generation in place (small edits, expiry sweeps)."""
     t0 = time.perf_counter()
-    changed = apply_live(node, rules)
+    changed, counts = apply_live(node, rules)
     catalog.save(node.run_dir, rules)
-    return {"generation": node.active().generation, **changed,
-            "total_s": round(time.perf_counter() - t0, 4)}
+    report = {"kind": "live", "generation": node.active().generation, "at": time.time(),
+              **changed, "total_s": round(time.perf_counter() - t0, 4), "counts": counts}
+    catalog.save_report(node.run_dir, report)
+    return report
+
+
+def expire_entries(node: Node, now: float | None = None) -> dict[str, object] | None:
+    """Drop expired operator entries from the rule set (the kernel already
+    ignores them, this returns their /24s to the fast path). None when
+    nothing had expired."""
+    now = time.time() if now is None else now
+    with node.lock():
+        rules = catalog.load(node.run_dir)
+        if rules is None:
+            return None
+        new, gone = rules, 0
+        for s in ("adhoc", "list"):
+            t = rules.deny[s]
+            k4 = (t.v4["expires"] == 0) | (t.v4["expires"] > now)
+            k6 = (t.v6["expires"] == 0) | (t.v6["expires"] > now)
+            gone += int((~k4).sum() + (~k6).sum())
+            new = new.with_deny(s, PrefixTables(t.v4[k4], t.v6[k6]))
+        if not gone:
+            return None
+        return {**apply_changes(node, new), "expired": gone}

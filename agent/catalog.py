@@ -19,6 +19,7 @@ from agent.prefixes import PrefixTables
 from agent.rules import DENY_SOURCES, RuleSet
 
 FILE = "rules.npz"
+REPORT = "last_apply.json"
 
 
 def save(run_dir: Path, rules: RuleSet) -> None:
@@ -60,3 +61,17 @@ def load(run_dir: Path) -> RuleSet | None:
             public=meta["public"],
             capacity=Capacity.model_validate(meta["capacity"]),
         )
+
+
+def save_report(run_dir: Path, report: dict) -> None:
+    """What the last change did (generation, counts, timings), for status."""
+    tmp = run_dir / f"{REPORT}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(report, default=str))
+    os.replace(tmp, run_dir / REPORT)
+
+
+def load_report(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / REPORT).read_text())
+    except (OSError, ValueError):
+        return {}

@@ -151,8 +151,9 @@ def _trie_diff(fd: int, kind: str, keys: np.ndarray, vals: np.ndarray, cap: int)
     return ups, [k.tobytes() for k in live_k[gone]]
 
 
-def apply_live(node: Node, rules: RuleSet, clock: Clock | None = None) -> dict[str, int]:
-    """Bring the live generation to `rules`; returns counts of what changed."""
+def apply_live(node: Node, rules: RuleSet,
+               clock: Clock | None = None) -> tuple[dict[str, int], dict[str, int]]:
+    """Bring the live generation to `rules`: (what changed, the compiled counts)."""
     kinds = ("params", "d4sum", "d4exact", *TRIES)
     fds = live_inner_fds(node, kinds)
     try:
@@ -198,4 +199,4 @@ def apply_live(node: Node, rules: RuleSet, clock: Clock | None = None) -> dict[s
     return {"exact_writes": len(plan.writes), "exact_moved": plan.moved,
             "summary_words": len(changed),
             "trie_upserts": sum(len(d[0]) for d in diffs.values()),
-            "trie_deletes": sum(len(d[1]) for d in diffs.values())}
+            "trie_deletes": sum(len(d[1]) for d in diffs.values())}, c.counts
