@@ -11,9 +11,11 @@ import time
 
 from agent import catalog
 from agent.compile import compile_rules
-from agent.generation import KINDS, apply_compiled
+from agent import libbpf as lb
+from agent.generation import KINDS, apply_compiled, close_all, live_inner_fds
 from agent.live import apply_live
-from agent.node import Node
+from agent.maps import exact_buckets
+from agent.node import Node, NodeError
 from agent.prefixes import PrefixTables
 from agent.rules import RuleSet
 
@@ -22,9 +24,28 @@ LIMITS_ONLY = ("params",)
 L4_ONLY = ("params", "l4ports")
 
 
+def check_exact_size(node: Node, rules: RuleSet) -> None:
+    """The exact table's size is fixed when a node is built (its lookups are
+    inlined for it); a capacity that asks for another size needs a rebuild."""
+    try:
+        fds = live_inner_fds(node, ("d4exact",))
+    except lb.BpfError:
+        return  # no generation yet: the node was just built from this capacity
+    try:
+        have = lb.map_info(fds["d4exact"]).max_entries
+    finally:
+        close_all(fds)
+    want = exact_buckets(rules.capacity.deny4_exact)
+    if have != want:
+        raise NodeError(f"capacity.deny4_exact {rules.capacity.deny4_exact:,} needs an exact "
+                        f"table of {want:,} buckets, but {node.ifname} was built with {have:,}; "
+                        f"run `privedge-agent detach {node.ifname}` and start again to resize")
+
+
 def apply_generation(node: Node, rules: RuleSet,
                      kinds: tuple[str, ...] = KINDS) -> dict[str, object]:
     """Compile, build and swap in a new generation; returns a report."""
+    check_exact_size(node, rules)
     t0 = time.perf_counter()
     generation = node.active().generation + 1
     compiled = compile_rules(rules, generation)

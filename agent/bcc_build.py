@@ -80,24 +80,30 @@ def amalgamate(path: Path, seen: set[Path] | None = None) -> str:
     return "".join(out)
 
 
+def load_file(path: Path, func: str, flags: list[str]) -> Loaded:
+    """Compile one C file (local headers inlined) and load `func` as XDP."""
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise BuildError("bcc is missing: install python3-bpfcc (sudo make setup)") from e
+    try:
+        module = BPF(text=amalgamate(path).encode(), cflags=flags)
+        fn = module.load_func(func.encode(), BPF.XDP)
+    except Exception as e:  # bcc raises plain Exception with the verifier log printed
+        raise BuildError(f"{path.name}: {e}") from e
+    return Loaded(func, fn.fd, lb.prog_info(fn.fd).tag, module)
+
+
 def load(which: str, pin_dir: Path, cap: Capacity, extra: tuple[str, ...] = ()) -> Loaded:
     """Compile bpf/<which>.c against the pins in `pin_dir` and load it as XDP.
 
     bcc reopens the maps pinned there and creates (and pins) missing plain
     maps; the outer map-in-maps must exist already (Node.create_outers).
     """
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        raise BuildError("bcc is missing: install python3-bpfcc (sudo make setup)") from e
     src, func = PROGRAMS[which]
-    try:
-        module = BPF(text=amalgamate(BPF_DIR / src).encode(),
-                     cflags=cflags(pin_dir, cap, extra))
-        fn = module.load_func(func.encode(), BPF.XDP)
-    except Exception as e:  # bcc raises plain Exception with the verifier log printed
-        raise BuildError(f"{src}: {e}") from e
-    return Loaded(which, fn.fd, lb.prog_info(fn.fd).tag, module)
+    loaded = load_file(BPF_DIR / src, func, cflags(pin_dir, cap, extra))
+    loaded.name = which
+    return loaded
 
 
 def pin_program(fd: int, path: str) -> None:

@@ -18,7 +18,6 @@ EXACT /24s are judged from the summary and at most one exact bucket.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 
 from agent import abi
 from agent.config import Capacity, L4Rule
+from agent.maps import exact_buckets
 from agent.rules import RuleSet
 
 N24 = 1 << 24
@@ -164,12 +164,6 @@ def overlaps(q_start: np.ndarray, q_end: np.ndarray, start: np.ndarray,
     return ok & (end[np.maximum(i, 0)] > q_start)
 
 
-def exact_buckets(n: int) -> int:
-    """Buckets for n addresses: at most half full, a power of two, >= 64."""
-    want = max(64, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n / 8))))))
-    return min(want, 1 << (32 - abi.EXACT_MIN_SHIFT))
-
-
 def exact_hashes(addr: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
     """Bucket indices h1, h2 exactly as filter.h computes them."""
     a = addr.astype(np.uint64)
@@ -179,13 +173,13 @@ def exact_hashes(addr: np.ndarray, shift: int) -> tuple[np.ndarray, np.ndarray]:
     return h1.astype(np.int64), h2.astype(np.int64)
 
 
-def build_exact(addrs: np.ndarray) -> tuple[np.ndarray, int, np.ndarray]:
-    """Place unique non-zero addresses: (table, shift, addresses that did not fit).
+def build_exact(addrs: np.ndarray, nb: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Place unique non-zero addresses in `nb` buckets: (table, shift,
+    addresses that did not fit).
 
     Invariant shared with live updates and filter.h: an address sits in its
     h2 bucket only while its h1 bucket is completely full.
     """
-    nb = exact_buckets(len(addrs))
     shift = 32 - (nb.bit_length() - 1)
     table = np.zeros((nb, abi.EXACT_SLOTS), np.uint32)
     if len(addrs) == 0:
@@ -258,7 +252,7 @@ def _lpm4(addr: np.ndarray, plen: np.ndarray, exp_ns: np.ndarray | None = None) 
 Placer = Callable[[np.ndarray], tuple[np.ndarray | None, int, np.ndarray]]
 
 
-def compile_v4(rules: RuleSet, clock: Clock, cap: Capacity, placer: Placer = build_exact):
+def compile_v4(rules: RuleSet, clock: Clock, cap: Capacity, placer: Placer | None = None):
     """(summary, exact table, shift, d4lpm, a4lpm, b4lpm, counts).
 
     `placer` puts the exact /32s somewhere: a new table (build_exact) or,
@@ -275,7 +269,10 @@ def compile_v4(rules: RuleSet, clock: Clock, cap: Capacity, placer: Placer = bui
     if n_exact > cap.deny4_exact:
         raise CapacityError(f"{n_exact:,} IPv4 /32 denies exceed the capacity of "
                             f"{cap.deny4_exact:,} (capacity.deny4_exact)")
-    table, shift, spill = placer(addr[is_exact])
+    if placer is None:
+        table, shift, spill = build_exact(addr[is_exact], exact_buckets(cap.deny4_exact))
+    else:
+        table, shift, spill = placer(addr[is_exact])
 
     allow = np.unique(rules.allow.v4[["addr", "plen"]])
     bogon = np.unique(rules.bogons.v4[["addr", "plen"]]) if rules.public else \
@@ -392,7 +389,7 @@ def compile_l4(rules: tuple[L4Rule, ...]) -> tuple[np.ndarray, int]:
 
 
 def compile_rules(rules: RuleSet, generation: int, clock: Clock | None = None,
-                  placer: Placer = build_exact) -> Compiled:
+                  placer: Placer | None = None) -> Compiled:
     """The whole generation; raises CapacityError before anything is built."""
     clock = clock or Clock.now()
     cap = rules.capacity

@@ -131,7 +131,7 @@ class Limits(Frozen):
 class Capacity(Frozen):
     """Map sizes. Lists over a capacity are refused whole."""
 
-    deny4_exact: int = Field(default=4_194_304, ge=64, le=1 << 26)
+    deny4_exact: int = Field(default=1_048_576, ge=64, le=1 << 26)
     deny4_lpm: int = Field(default=262_144, ge=16, le=1 << 24)
     deny6: int = Field(default=262_144, ge=16, le=1 << 24)
     allow: int = Field(default=4096, ge=16, le=1 << 20)

@@ -105,7 +105,7 @@ def build_inner(c: Compiled, cap: Capacity, kinds: tuple[str, ...] = KINDS) -> d
     fds: dict[str, int] = {}
     try:
         for kind in kinds:
-            fds[kind] = create_inner(kind, inner_entries(kind, cap, len(c.exact)))
+            fds[kind] = create_inner(kind, inner_entries(kind, cap))
             fill_inner(kind, fds[kind], c)
     except BaseException:
         close_all(fds)

@@ -55,8 +55,9 @@ PLAIN = {
 INNER = {
     "params": MapSpec(f"pe_params{V}", lb.MapType.ARRAY, u32, abi.Params, 0, 1),
     "d4sum": MapSpec(f"pe_d4sum{V}", lb.MapType.ARRAY, u32, u64, MMAP, abi.SUM_WORDS),
-    "d4exact": MapSpec(f"pe_d4exact{V}", lb.MapType.ARRAY, u32, abi.ExactBucket,
-                       MMAP | lb.BPF_F_INNER_MAP),
+    # Sized once per node from capacity.deny4_exact: a fixed size lets the
+    # verifier inline its lookups (BPF_F_INNER_MAP would forbid that).
+    "d4exact": MapSpec(f"pe_d4exact{V}", lb.MapType.ARRAY, u32, abi.ExactBucket, MMAP),
     "d4lpm": MapSpec(f"pe_d4lpm{V}", lb.MapType.LPM_TRIE, abi.Lpm4Key, abi.LpmVal, LPM),
     "d6lpm": MapSpec(f"pe_d6lpm{V}", lb.MapType.LPM_TRIE, abi.Lpm6Key, abi.LpmVal, LPM),
     "a4lpm": MapSpec(f"pe_a4lpm{V}", lb.MapType.LPM_TRIE, abi.Lpm4Key, abi.LpmVal, LPM),
@@ -72,13 +73,20 @@ OUTERS = {kind: MapSpec(spec.name, lb.MapType.ARRAY_OF_MAPS, u32, u32, 0, abi.GE
           for kind, spec in INNER.items()}
 
 
-def inner_entries(kind: str, cap: Capacity, exact_buckets: int = 64) -> int:
-    """max_entries of an inner map: fixed, the exact table's size, or a capacity."""
+def exact_buckets(capacity: int) -> int:
+    """Buckets of the exact table for `capacity` addresses: at most half full
+    (8 of 16 slots), a power of two, at least 64."""
+    want = max(64, 1 << max(0, (max(1, -(-capacity // 8)) - 1).bit_length()))
+    return min(want, 1 << (32 - abi.EXACT_MIN_SHIFT))
+
+
+def inner_entries(kind: str, cap: Capacity) -> int:
+    """max_entries of an inner map: fixed, or from the node's capacity."""
     spec = INNER[kind]
     if spec.entries is not None:
         return spec.entries
     return {
-        "d4exact": exact_buckets,
+        "d4exact": exact_buckets(cap.deny4_exact),
         "d4lpm": cap.deny4_lpm,
         "d6lpm": cap.deny6,
         "a4lpm": cap.allow,

@@ -1,83 +1,14 @@
-"""The edge program under test: pinned state without an interface.
-
-Builds the same pinned state the agent builds (agent/loader.py), in a bpffs
-directory unique to this test run, and runs packets through the root
-program with BPF_PROG_TEST_RUN, so the tail call is exercised too.
-Rules are applied through the agent's own generation API.
-"""
+"""Test helpers over agent/standalone.py: the edge program under test."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
-
-from agent import abi
-from agent import libbpf as lb
-from agent.apply import apply_changes, apply_generation
-from agent.config import Capacity, NodeConfig
-from agent.loader import ensure_state, upgrade_edge
-from agent.node import PROG_ROOT, Node, ensure_bpffs
-from agent.prefixes import PrefixTables
-from agent.rules import RuleSet, ruleset_from_config
+from agent.prefixes import PrefixTables, parse_prefix
+from agent.standalone import StandaloneNode
 
 
-@dataclass(frozen=True)
-class Run:
-    verdict: int
-    data: bytes
-
-
-class EdgeUnderTest:
-    def __init__(self, label: str, cap: Capacity | None = None) -> None:
-        ensure_bpffs()
-        self.bpffs = f"/sys/fs/bpf/pe-test-{os.getpid()}-{label}"
-        self.run_root = tempfile.mkdtemp(prefix=f"pe-test-{label}-")
-        self.cap = cap or Capacity()
-        self.node = Node("tr0", self.bpffs, self.run_root)
-        with self.node.lock():
-            ensure_state(self.node, self.cap)
-            self.edge_tag = upgrade_edge(self.node, self.cap)
-        self.root_fd = lb.obj_get(self.node.prog_path(PROG_ROOT))
-
-    # rules ---------------------------------------------------------------------
-
-    def base_rules(self, **cfg) -> RuleSet:
-        """The config's defaults, but no bogon check: tests use TEST-NET sources."""
-        return ruleset_from_config(NodeConfig(interface="tr0", **{"role": "backbone", **cfg}))
-
-    def apply(self, rules: RuleSet) -> dict:
-        with self.node.lock():
-            return apply_generation(self.node, rules)
-
-    def change(self, rules: RuleSet) -> dict:
-        with self.node.lock():
-            return apply_changes(self.node, rules)
-
-    # packets ----------------------------------------------------------------------
-
-    def run(self, frame: bytes, repeat: int = 1) -> Run:
-        r = lb.prog_test_run(self.root_fd, frame, repeat=repeat)
-        return Run(r.retval, r.data)
-
-    def counters(self) -> list[tuple[int, int]]:
-        return [(c.packets, c.bytes) for c in self.node.counters()]
-
-    def clear_rate_state(self) -> None:
-        fd = self.node.fd("rl")
-        for key in lb.map_keys(fd, ctypes.sizeof(abi.RlKey)):
-            lb.map_delete(fd, key)
-
-    def close(self) -> None:
-        os.close(self.root_fd)
-        self.node.remove()
-        shutil.rmtree(self.bpffs, ignore_errors=True)
-        shutil.rmtree(self.run_root, ignore_errors=True)
+class EdgeUnderTest(StandaloneNode):
+    pass
 
 
 def tables(*prefixes: str, expires: float = 0.0) -> PrefixTables:
-    from agent.prefixes import parse_prefix
-
     return PrefixTables.from_prefixes([parse_prefix(p) for p in prefixes], expires)

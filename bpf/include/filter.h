@@ -41,21 +41,6 @@ static __always_inline int lpm_member(void *lpm, void *key)
 	return lpm && bpf_map_lookup_elem(lpm, key);
 }
 
-/* State of the source's /24 in the summary (enum pe_sum_state). */
-static __always_inline __u32 sum4_state(struct pe_gen *g, __u32 addr)
-{
-	void *sum = pe_d4sum_v1.lookup(&g->slot);
-	__u32 idx = addr >> PE_SUM_WORD_SHIFT;
-	__u64 *word;
-
-	if (!sum)
-		return PE_SUM_SLOW;
-	word = bpf_map_lookup_elem(sum, &idx);
-	if (!word)
-		return PE_SUM_SLOW;
-	return (*word >> (((addr >> 8) & 31) * PE_SUM_BITS)) & 3;
-}
-
 /* Is `a` in one bucket? Two slots per u64 word: a 32-bit lane of
  * (word ^ aa) is zero exactly where the slot holds `a` (SWAR zero test),
  * and no branch per slot keeps the verifier's path count flat. */
@@ -72,38 +57,50 @@ static __always_inline int exact4_bucket_has(struct pe_exact_bucket *b, __u32 a)
 	return (acc & 0x8000000080000000ULL) != 0;
 }
 
-/* Is `a` (host order, non-zero) an exact /32 deny? Bucket h2 holds
- * spill-over only while h1 is full, so a miss in a non-full h1 is final. */
+/* The second bucket: it holds spill-over only while the first is full. */
+static __always_inline int exact4_h2_has(struct pe_gen *g, void *tab, __u32 a)
+{
+	__u32 h = ((a ^ PE_EXACT_XOR2) * PE_EXACT_MUL2) >> g->params->exact_shift;
+	struct pe_exact_bucket *b = bpf_map_lookup_elem(tab, &h);
+
+	return b && exact4_bucket_has(b, a);
+}
+
+/* Is `a` (host order) an exact /32 deny? One bucket for nearly all. */
 static __always_inline int exact4_has(struct pe_gen *g, __u32 a)
 {
 	void *tab = pe_d4exact_v1.lookup(&g->slot);
-	__u32 shift = g->params->exact_shift;
+	__u32 h = (a * PE_EXACT_MUL1) >> g->params->exact_shift;
 	struct pe_exact_bucket *b;
-	__u32 h;
 
+	/* 0.0.0.0 would match empty slots; it lives in the trie instead. */
 	if (!tab || !a)
 		return 0;
-	h = (a * PE_EXACT_MUL1) >> shift;
 	b = bpf_map_lookup_elem(tab, &h);
 	if (!b)
 		return 0;
 	if (exact4_bucket_has(b, a))
 		return 1;
-	if (!b->slot[PE_EXACT_SLOTS - 1])
-		return 0;
-	h = ((a ^ PE_EXACT_XOR2) * PE_EXACT_MUL2) >> shift;
-	b = bpf_map_lookup_elem(tab, &h);
-	return b && exact4_bucket_has(b, a);
+	return b->slot[PE_EXACT_SLOTS - 1] && exact4_h2_has(g, tab, a);
 }
 
-static __always_inline __u32 deny4(struct pe_gen *g, struct pe_pkt *p, __u32 state)
+/*
+ * IPv4 denylist: the source's /24 in the summary first (*state gets it),
+ * and only what that state calls for after: nothing, the exact table, or
+ * the exact table and the trie. One memory access for most packets; the
+ * exact table is read only for sources in /24s that hold /32 denies.
+ */
+static __always_inline int deny4(struct pe_gen *g, struct pe_pkt *p, __u32 *state)
 {
 	struct pe_lpm4_key key = { .prefixlen = 32, .addr = p->saddr4 };
 	__u32 a = bpf_ntohl(p->saddr4);
-
+	__u32 idx = a >> PE_SUM_WORD_SHIFT;
+	void *sum = pe_d4sum_v1.lookup(&g->slot);
+	__u64 *word = sum ? bpf_map_lookup_elem(sum, &idx) : NULL;
 	void *lpm;
 
-	switch (state) {
+	*state = word ? (*word >> (((a >> 8) & 31) * PE_SUM_BITS)) & 3 : PE_SUM_SLOW;
+	switch (*state) {
 	case PE_SUM_CLEAN:
 		return 0;
 	case PE_SUM_DENY:
@@ -248,8 +245,7 @@ static __always_inline __u32 stage_filter(struct pe_pkt *p)
 		return PE_R_PASS_NO_RULES;
 
 	if (p->l3_proto == ETH_P_IP) {
-		state = sum4_state(&g, bpf_ntohl(p->saddr4));
-		if (deny4(&g, p, state))
+		if (deny4(&g, p, &state))
 			reason = PE_R_DROP_DENYLIST;
 	} else if (deny6(&g, p)) {
 		reason = PE_R_DROP_DENYLIST;

@@ -41,7 +41,7 @@ def test_plan_keeps_members_and_invariant() -> None:
     rng = random.Random(2)
     pool = np.arange(1, 3000, dtype=np.uint32) * np.uint32(2654435761)
     start = np.unique(pool[:400])
-    table, shift, _ = build_exact(start)
+    table, shift, _ = build_exact(start, 64)
     want = set(start.tolist())
     for _ in range(30):
         adds = rng.sample(pool.tolist(), 40)

@@ -27,6 +27,7 @@ from agent.compile import (
     union24,
 )
 from agent.config import L4Rule, NodeConfig
+from agent.maps import exact_buckets
 from agent.prefixes import Prefix, PrefixTables
 from agent.rules import ruleset_from_config
 from tests import model
@@ -132,7 +133,7 @@ def test_summary_packs_two_bits_per_24() -> None:
 def test_exact_table_overflows_only_from_full_buckets() -> None:
     rng = np.random.default_rng(5)
     addrs = np.unique(rng.integers(1, 2**32, 20_000, dtype=np.uint64).astype(np.uint32))
-    table, shift, spill = build_exact(addrs)
+    table, shift, spill = build_exact(addrs, exact_buckets(len(addrs)))
     nb = len(table)
     assert nb == 4096 and shift == 20  # 20,000 / 8 -> 2,500 -> 4,096 buckets
     h1, h2 = exact_hashes(addrs, shift)
