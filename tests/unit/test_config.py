@@ -95,3 +95,10 @@ def test_top_level_must_be_a_mapping(tmp_path) -> None:
 def test_missing_file(tmp_path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_the_documented_example_is_valid() -> None:
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "examples/node.yaml")
+    assert cfg.interface == "edge0" and cfg.deny.prefixes == ("192.0.2.0/24",)
