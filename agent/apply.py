@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from agent import catalog
-from agent.compile import compile_rules
 from agent import libbpf as lb
+from agent.compile import compile_rules
 from agent.generation import KINDS, apply_compiled, close_all, live_inner_fds
 from agent.live import apply_live
 from agent.maps import exact_buckets
