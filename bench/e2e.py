@@ -57,7 +57,7 @@ class VethRig:
         # link-local addresses would be frames we did not send.
         for ns in (self.g, self.r):
             netns.create(ns)
-            netns.run(ns, ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+            netns.disable_ipv6(ns)
         netns.veth(self.g, "g0", self.r, self.ifname)
         # GRO gives the receiving veth a NAPI instance even without XDP (for
         # nftables), and the threaded flag moves that NAPI into a kthread.

@@ -34,6 +34,13 @@ def create(name: str) -> None:
         ns.link("set", index=lo, state="up")
 
 
+def disable_ipv6(name: str) -> None:
+    """No IPv6 on interfaces made from now on in `name`: no router
+    solicitations or MLD reports from link-local addresses."""
+    run(name, ["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1",
+               "net.ipv6.conf.all.disable_ipv6=1"])
+
+
 def delete(name: str) -> None:
     if exists(name):
         netns.remove(name)

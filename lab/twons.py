@@ -45,8 +45,10 @@ class TwoNamespaces:
         self.tmp.mkdir(parents=True, exist_ok=True)
         netns.create(self.tx)
         netns.create(self.rx)
+        # tx0 gets no address and no IPv6: nothing but the frames we send
+        # leaves it (link-local router solicitations would be bogons).
+        netns.disable_ipv6(self.tx)
         netns.veth(self.tx, "tx0", self.rx, "rx0")
-        # tx0 gets no address: nothing but the frames we send leaves it.
         netns.address(self.rx, "rx0", "203.0.113.1/24")
         netns.address(self.rx, "rx0", "2001:db8:113::1/64")
         self.rx_mac = netns.mac(self.rx, "rx0")
@@ -82,13 +84,15 @@ class TwoNamespaces:
         assert self.agent is None or self.agent.returncode == 0, self.log.read_text()
         self.agent = None
 
-    def cli(self, *args: str) -> dict | list:
-        out = subprocess.run(
-            netns.python("control.cli", "--iface", "rx0", "--bpffs", self.bpffs,
-                         "--run-dir", self.run_dir, "--json", *args),
-            capture_output=True, text=True, cwd=netns.ROOT, timeout=120,
-            env={**os.environ, "PYTHONPATH": str(netns.ROOT)})
-        assert out.returncode == 0, out.stderr
+    def cli(self, *args: str, inside: bool = False) -> dict | list:
+        """`privedge --json ...` on the edge; `inside` runs it in the edge namespace."""
+        argv = netns.python("control.cli", "--iface", "rx0", "--bpffs", self.bpffs,
+                            "--run-dir", self.run_dir, "--json", *args)
+        out = subprocess.run(netns.nsenter(self.rx, argv) if inside else argv,
+                             capture_output=True, text=True, cwd=netns.ROOT, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(netns.ROOT)})
+        if out.returncode != 0:
+            raise RuntimeError(f"privedge {' '.join(args)} failed: {out.stderr}")
         return json.loads(out.stdout)
 
     def receiver(self, duration: float) -> tuple[subprocess.Popen, Path]:
