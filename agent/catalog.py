@@ -63,6 +63,17 @@ def load(run_dir: Path) -> RuleSet | None:
         )
 
 
+def next_expiry(run_dir: Path) -> float | None:
+    """The earliest expiry (wall clock) among the operator's entries, if any."""
+    rules = load(run_dir)
+    if rules is None:
+        return None
+    times = [x[x > 0] for x in (getattr(rules.deny[s], col)["expires"]
+                                for s in ("list", "adhoc") for col in ("v4", "v6"))]
+    finite = [float(x.min()) for x in times if len(x)]
+    return min(finite) if finite else None
+
+
 def save_report(run_dir: Path, report: dict) -> None:
     """What the last change did (generation, counts, timings), for status."""
     tmp = run_dir / f"{REPORT}.tmp{os.getpid()}"

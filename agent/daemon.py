@@ -46,6 +46,8 @@ class Agent:
         self.cfg: NodeConfig = load_config(config_path)
         self.stop = threading.Event()
         self.reload = threading.Event()
+        self._seen_mtime = 0
+        self._next_expiry: float | None = None
 
     def start(self):
         started = loader.start(self.cfg, phase)
@@ -70,8 +72,23 @@ class Agent:
             phase("reload", f"refused, nothing changed: {e}")
 
     def sweep(self) -> None:
-        """Forget expired entries; the kernel stopped enforcing them already."""
+        """Forget expired entries; the kernel stopped enforcing them already.
+
+        Cheap when nothing is due: the rule set is re-read only when its file
+        changed, and swept only once its earliest expiry has passed.
+        """
+        path = self.node.run_dir / catalog.FILE
         try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return
+        if mtime != self._seen_mtime:
+            self._seen_mtime = mtime
+            self._next_expiry = catalog.next_expiry(self.node.run_dir)
+        if self._next_expiry is None or time.time() < self._next_expiry:
+            return
+        try:
+            self._next_expiry = None  # recomputed from the file the sweep writes
             r = expire_entries(self.node)
             if r:
                 phase("expire", f"{r['expired']} entr{'y' if r['expired'] == 1 else 'ies'} "

@@ -49,23 +49,19 @@ def synchronize_rcu() -> None:
 # -- filling maps ------------------------------------------------------------------
 
 
-def write_array(fd: int, data: np.ndarray, value_size: int, entries: int,
-                offset: int = 0) -> None:
-    """Copy raw values into an mmapable array map from `offset` (in entries)."""
+def mapped(fd: int, entries: int, value_size: int, write: bool) -> mmap.mmap:
+    """The values of an mmapable array map, shared with the kernel."""
     length = entries * value_size
     length += -length % mmap.PAGESIZE
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
+    return mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
+
+
+def write_array(fd: int, data: np.ndarray, value_size: int, entries: int) -> None:
+    """Copy raw values into a (new, not yet live) mmapable array map."""
     buf = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-    with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
-        start = offset * value_size
-        mm[start: start + len(buf)] = buf.tobytes()
-
-
-def read_array(fd: int, dtype: np.dtype, entries: int) -> np.ndarray:
-    """A copy of a whole mmapable array map."""
-    length = entries * dtype.itemsize
-    length += -length % mmap.PAGESIZE
-    with mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ) as mm:
-        return np.frombuffer(mm, dtype, count=entries).copy()
+    with mapped(fd, entries, value_size, write=True) as mm:
+        mm[: len(buf)] = buf.tobytes()
 
 
 def lpm4_arrays(t: Lpm4) -> tuple[np.ndarray, np.ndarray]:

@@ -18,7 +18,6 @@ step 1, so a refused change writes nothing.
 from __future__ import annotations
 
 import ctypes
-import mmap
 from collections import defaultdict
 
 import numpy as np
@@ -26,7 +25,7 @@ import numpy as np
 from agent import abi
 from agent import libbpf as lb
 from agent.compile import Clock, compile_rules, exact_hashes
-from agent.generation import close_all, live_inner_fds, lpm4_arrays, lpm6_arrays
+from agent.generation import close_all, live_inner_fds, lpm4_arrays, lpm6_arrays, mapped
 from agent.maps import INNER
 from agent.node import Node
 from agent.rules import RuleSet
@@ -111,13 +110,6 @@ def _missing_from(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[b[i] != a]
 
 
-def _mapped(fd: int, entries: int, value_size: int, write: bool) -> mmap.mmap:
-    length = entries * value_size
-    length += -length % mmap.PAGESIZE
-    prot = mmap.PROT_READ | (mmap.PROT_WRITE if write else 0)
-    return mmap.mmap(fd, length, mmap.MAP_SHARED, prot)
-
-
 def _trie_diff(fd: int, kind: str, keys: np.ndarray, vals: np.ndarray, cap: int):
     """(upserts as (key, value) bytes, deletes as key bytes) from live to desired.
 
@@ -161,7 +153,7 @@ def apply_live(node: Node, rules: RuleSet,
             lb.map_lookup(fds["params"], ctypes.c_uint32(0), ctypes.sizeof(abi.Params)))
         buckets = lb.map_info(fds["d4exact"]).max_entries
         bsize = INNER["d4exact"].value_size
-        with _mapped(fds["d4exact"], buckets, bsize, write=False) as mm:
+        with mapped(fds["d4exact"], buckets, bsize, write=False) as mm:
             view = np.frombuffer(mm, np.uint32, count=buckets * abi.EXACT_SLOTS)
             plan = ExactPlan(view.reshape(buckets, abi.EXACT_SLOTS), params.exact_shift)
             del view  # the plan works on its own copy
@@ -174,7 +166,7 @@ def apply_live(node: Node, rules: RuleSet,
             diffs[kind] = _trie_diff(fds[kind], kind, keys, vals,
                                      lb.map_info(fds[kind]).max_entries)
         # 1 exact table
-        with _mapped(fds["d4exact"], buckets, bsize, write=True) as mm:
+        with mapped(fds["d4exact"], buckets, bsize, write=True) as mm:
             table = np.frombuffer(mm, np.uint32, count=buckets * abi.EXACT_SLOTS).reshape(
                 buckets, abi.EXACT_SLOTS)
             for bucket, slot, value in plan.writes:
@@ -185,7 +177,7 @@ def apply_live(node: Node, rules: RuleSet,
             for key, value in diffs[kind][0]:
                 lb.map_update(fds[kind], key, ctypes.c_uint64(value), what=INNER[kind].name)
         # 3 summary words
-        with _mapped(fds["d4sum"], abi.SUM_WORDS, 8, write=True) as mm:
+        with mapped(fds["d4sum"], abi.SUM_WORDS, 8, write=True) as mm:
             words = np.frombuffer(mm, np.uint64, count=abi.SUM_WORDS)
             changed = np.nonzero(words != c.summary)[0]
             words[changed] = c.summary[changed]

@@ -48,14 +48,14 @@ def _concat(a: PrefixTables, b: PrefixTables) -> PrefixTables:
 
 
 def _without(t: PrefixTables, drop: list[Prefix]) -> PrefixTables:
-    v4 = {(p.addr, p.plen) for p in drop if p.version == 4}
-    v6 = {(p.addr, p.plen) for p in drop if p.version == 6}
-    keep4 = np.array([(int(a), int(p)) not in v4 for a, p in zip(t.v4["addr"], t.v4["plen"],
-                                                                strict=True)], bool)
-    keep6 = np.array([((int(h) << 64) | int(lo), int(p)) not in v6
+    """The table without the given prefixes (vectorised: lists run to millions)."""
+    key4 = (t.v4["addr"].astype(np.uint64) << np.uint64(8)) | t.v4["plen"]
+    gone4 = np.array([(p.addr << 8) | p.plen for p in drop if p.version == 4], np.uint64)
+    v6 = {(p.addr >> 64, p.addr & (2**64 - 1), p.plen) for p in drop if p.version == 6}
+    keep6 = np.array([(int(h), int(lo), int(p)) not in v6
                       for h, lo, p in zip(t.v6["hi"], t.v6["lo"], t.v6["plen"], strict=True)],
-                     bool)
-    return PrefixTables(t.v4[keep4] if len(t.v4) else t.v4, t.v6[keep6] if len(t.v6) else t.v6)
+                     bool).reshape(-1)
+    return PrefixTables(t.v4[~np.isin(key4, gone4)], t.v6[keep6])
 
 
 def entries(rules: RuleSet, source: str | None = None) -> list[Entry]:

@@ -54,3 +54,14 @@ def test_plan_keeps_members_and_invariant() -> None:
         assert np.array_equal(table, plan.t)
         assert set(table[table != 0].tolist()) | set(spill.tolist()) == want
         _check_invariant(table, shift)
+
+
+def test_next_expiry_is_the_earliest_operator_deadline(tmp_path) -> None:
+    rules = ruleset_from_config(NodeConfig(interface="x"))
+    catalog.save(tmp_path, rules)
+    assert catalog.next_expiry(tmp_path) is None
+    rules = rules.with_deny("adhoc", PrefixTables.from_prefixes([Prefix(4, 1, 32)], 500.0))
+    rules = rules.with_deny("list", PrefixTables.from_prefixes(
+        [Prefix(6, 1, 128), Prefix(4, 2, 32)], 300.0))
+    catalog.save(tmp_path, rules)
+    assert catalog.next_expiry(tmp_path) == 300.0
