@@ -64,10 +64,6 @@ class Lpm4:
     plen: np.ndarray        # uint8
     expires_ns: np.ndarray  # uint64 monotonic, 0 = never
 
-    @classmethod
-    def empty(cls) -> Lpm4:
-        return cls(np.zeros(0, np.uint32), np.zeros(0, np.uint8), np.zeros(0, np.uint64))
-
     def __len__(self) -> int:
         return len(self.addr)
 
@@ -78,11 +74,6 @@ class Lpm6:
     lo: np.ndarray
     plen: np.ndarray
     expires_ns: np.ndarray
-
-    @classmethod
-    def empty(cls) -> Lpm6:
-        z = np.zeros(0, np.uint64)
-        return cls(z, z.copy(), np.zeros(0, np.uint8), z.copy())
 
     def __len__(self) -> int:
         return len(self.hi)

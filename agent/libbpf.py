@@ -223,7 +223,6 @@ def _lib() -> ctypes.CDLL:
         "bpf_obj_pin": (c_int, [c_int, ctypes.c_char_p]),
         "bpf_obj_get": (c_int, [ctypes.c_char_p]),
         "bpf_obj_get_info_by_fd": (c_int, [c_int, vp, ctypes.POINTER(c_uint32)]),
-        "bpf_prog_get_fd_by_id": (c_int, [c_uint32]),
         "bpf_map_get_fd_by_id": (c_int, [c_uint32]),
         "bpf_prog_test_run_opts": (c_int, [c_int, vp]),
         "libbpf_num_possible_cpus": (c_int, []),
@@ -404,10 +403,6 @@ def prog_info(fd: int) -> ProgInfo:
            _lib().bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(n)))
     return ProgInfo(info.id, info.type, info.name.decode(), bytes(info.tag).hex(),
                     info.run_time_ns, info.run_cnt)
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    return _check(f"open program id {prog_id}", _lib().bpf_prog_get_fd_by_id(prog_id))
 
 
 def map_fd_by_id(map_id: int) -> int:

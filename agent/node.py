@@ -88,11 +88,13 @@ class Node:
         self.close()
 
     def staging_dir(self) -> Path:
-        """A fresh temporary pin directory next to the real one."""
+        """A fresh temporary pin directory next to the real one; staging left
+        by a writer that crashed is removed (writers hold the lock)."""
+        self.pin_dir.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.pin_dir.parent.glob(f"{self.pin_dir.name}:new*"):
+            shutil.rmtree(stale)
         tmp = self.pin_dir.parent / f"{self.pin_dir.name}:new{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp.mkdir()
         return tmp
 
     def create_outers(self, directory: Path, cap: Capacity) -> None:
