@@ -123,37 +123,45 @@ static __always_inline int deny6(struct pe_gen *g, struct pe_pkt *p)
 	return lpm_deny_hit(lpm, &key);
 }
 
-/* Is the source in one of two tries (IPv4, IPv6)? Bogon and allowlisted
- * /24s are SLOW in the summary, so an IPv4 source in any other /24 is not
- * in either without a lookup. */
-static __always_inline int source_in(void *lpm4, void *lpm6, struct pe_pkt *p, __u32 state)
+/* Is the source in one of two tries (IPv4, IPv6)? */
+static __always_inline int source_in(void *lpm4, void *lpm6, struct pe_pkt *p)
 {
 	struct pe_lpm4_key k4 = { .prefixlen = 32, .addr = p->saddr4 };
 	struct pe_lpm6_key k6 = { .prefixlen = 128 };
 
 	if (p->l3_proto == ETH_P_IP)
-		return state == PE_SUM_SLOW && lpm_member(lpm4, &k4);
+		return lpm_member(lpm4, &k4);
 	__builtin_memcpy(k6.addr, &p->saddr6, sizeof(k6.addr));
 	return lpm_member(lpm6, &k6);
+}
+
+/* Bogon and allowlisted /24s are SLOW in the summary, so an IPv4 source in
+ * any other /24 is in neither list, and needs no lookup to say so. */
+static __always_inline int may_be_listed(struct pe_pkt *p, __u32 state)
+{
+	return p->l3_proto != ETH_P_IP || state == PE_SUM_SLOW;
 }
 
 static __always_inline int bogon(struct pe_gen *g, struct pe_pkt *p, __u32 state)
 {
 	void *lpm4, *lpm6;
 
-	if (!(g->params->flags & PE_F_BOGONS))
+	if (!(g->params->flags & PE_F_BOGONS) || !may_be_listed(p, state))
 		return 0;
 	lpm4 = pe_b4lpm_v1.lookup(&g->slot);
 	lpm6 = pe_b6lpm_v1.lookup(&g->slot);
-	return source_in(lpm4, lpm6, p, state);
+	return source_in(lpm4, lpm6, p);
 }
 
 static __always_inline int allowed(struct pe_gen *g, struct pe_pkt *p, __u32 state)
 {
-	void *lpm4 = pe_a4lpm_v1.lookup(&g->slot);
-	void *lpm6 = pe_a6lpm_v1.lookup(&g->slot);
+	void *lpm4, *lpm6;
 
-	return source_in(lpm4, lpm6, p, state);
+	if (!may_be_listed(p, state))
+		return 0;
+	lpm4 = pe_a4lpm_v1.lookup(&g->slot);
+	lpm6 = pe_a6lpm_v1.lookup(&g->slot);
+	return source_in(lpm4, lpm6, p);
 }
 
 /* First L4 rule matching protocol and ports; 1 if it drops. */
