@@ -135,6 +135,18 @@ def union24(addr: np.ndarray, plen: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return start[~inside], end[~inside]
 
 
+def inside(addrs: np.ndarray, p_addr: np.ndarray, p_plen: np.ndarray) -> np.ndarray:
+    """For each address: is it inside any of the prefixes?"""
+    if len(p_addr) == 0:
+        return np.zeros(len(addrs), bool)
+    start = p_addr.astype(np.int64)
+    end = start + np.left_shift(1, 32 - p_plen.astype(np.int64))
+    order = np.lexsort((-end, start))
+    start, end = start[order], end[order]
+    keep = np.r_[True, np.maximum.accumulate(end)[:-1] <= start[1:]]
+    return overlaps(addrs.astype(np.int64), addrs.astype(np.int64) + 1, start[keep], end[keep])
+
+
 def fill24(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """Boolean per /24 from sorted disjoint ranges (one np.repeat)."""
     bounds = np.empty(2 * len(start) + 2, np.int64)
@@ -251,8 +263,21 @@ def compile_v4(rules: RuleSet, clock: Clock, cap: Capacity, placer: Placer | Non
     """
     deny = rules.deny_all().v4
     addr, plen, exp = merge_v4(deny, clock)
+    allow = np.unique(rules.allow.v4[["addr", "plen"]])
+    bogon = np.unique(rules.bogons.v4[["addr", "plen"]]) if rules.public else \
+        np.zeros(0, allow.dtype)
+    for name, t, limit, key in (("allowlist", allow, cap.allow, "allow"),
+                                ("bogon", bogon, cap.bogons, "bogons")):
+        if len(t) > limit:
+            raise CapacityError(f"{len(t):,} IPv4 {name} entries exceed the capacity of "
+                                f"{limit:,} (capacity.{key})")
     perm = np.isinf(exp)
-    is_exact = perm & (plen == 32) & (addr != 0)
+    host = perm & (plen == 32) & (addr != 0)
+    # A hit in the exact table drops at once (filter.h), so allowlisted
+    # addresses stay out of it and go by the SLOW path instead.
+    allowed = np.zeros(len(addr), bool)
+    allowed[host] = inside(addr[host], allow["addr"], allow["plen"])
+    is_exact = host & ~allowed
     is_cover = perm & (plen <= 24)
     is_lpm = ~(is_exact | is_cover)
 
@@ -264,15 +289,6 @@ def compile_v4(rules: RuleSet, clock: Clock, cap: Capacity, placer: Placer | Non
         table, shift, spill = build_exact(addr[is_exact], exact_buckets(cap.deny4_exact))
     else:
         table, shift, spill = placer(addr[is_exact])
-
-    allow = np.unique(rules.allow.v4[["addr", "plen"]])
-    bogon = np.unique(rules.bogons.v4[["addr", "plen"]]) if rules.public else \
-        np.zeros(0, allow.dtype)
-    for name, t, limit, key in (("allowlist", allow, cap.allow, "allow"),
-                                ("bogon", bogon, cap.bogons, "bogons")):
-        if len(t) > limit:
-            raise CapacityError(f"{len(t):,} IPv4 {name} entries exceed the capacity of "
-                                f"{limit:,} (capacity.{key})")
 
     cover = fill24(*union24(addr[is_cover], plen[is_cover]))
     exact24 = np.zeros(N24, bool)

@@ -102,8 +102,9 @@ def standard_rules(base: RuleSet, now: float | None = None) -> RuleSet:
     """The rule set most cases run against (a public interface, limits off)."""
     now = now or time.time()
     crafted = [v4_text(x) for k in ("a", "b", "fill") for x in CRAFTED[k]]
-    deny = tables("198.51.100.7", "203.0.113.0/24", "100.70.0.0/16", "198.51.100.16/28",
-                  "192.0.2.0/24", "2001:db8:bad::/48", "2001:db8:dead::1", *crafted)
+    deny = tables("198.51.100.7", "198.51.100.243", "203.0.113.0/24", "100.70.0.0/16",
+                  "198.51.100.16/28", "192.0.2.0/24", "2001:db8:bad::/48", "2001:db8:dead::1",
+                  *crafted)
     live = tables("198.51.100.99", "2001:db8:beef::/64", expires=now + 3600)
     gone = tables("198.51.100.98", "2001:db8:cafe::/64", expires=now - 10)
     from agent.prefixes import PrefixTables

@@ -211,6 +211,8 @@ CASES = [
          R.PASS_ALLOW),
     Case("deny_v4_other_half", "the other half of that /24 stays denied", v4("192.0.2.5"),
          R.DROP_DENYLIST),
+    Case("deny_v4_exact_allowlisted", "a denied /32 inside an allowlisted /28",
+         v4("198.51.100.243"), R.PASS_ALLOW),
     Case("deny_v4_exact_h2", "a /32 that overflowed into its second bucket", v4(OVERFLOWED),
          R.DROP_DENYLIST),
     Case("deny_v4_exact_spilled", "a /32 whose both buckets were full, in the trie",

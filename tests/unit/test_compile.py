@@ -58,14 +58,14 @@ def lookup(c, addr: int, now_ns: int, states: np.ndarray) -> tuple[bool, bool, b
         hit = _lpm_lookup(c.d4lpm, addr)
         return hit is not None and (hit[1] == 0 or hit[1] > now_ns)
 
-    if state == abi.SumState.CLEAN:
-        denied = False
-    elif state == abi.SumState.DENY:
+    if exact():  # exact table first; its entries are never allowlisted
+        return True, False, False
+    if state == abi.SumState.DENY:
         denied = True
-    elif state == abi.SumState.EXACT:
-        denied = exact()
+    elif state == abi.SumState.SLOW:
+        denied = lpm_deny()
     else:
-        denied = exact() or lpm_deny()
+        denied = False
     slow = state == abi.SumState.SLOW
     return (denied, slow and _lpm_lookup(c.a4lpm, addr) is not None,
             slow and _lpm_lookup(c.b4lpm, addr) is not None)
@@ -102,9 +102,10 @@ def test_compiled_lookups_match_prefix_matching(seed: int) -> None:
             rng.getrandbits(32)
         denied, allowed, bogon = lookup(c, addr, clock.mono_ns, states)
         assert denied == model._in(rules.deny_all(), 4, addr, clock.wall, True), hex(addr)
-        if denied or bogon:  # allow is only consulted on the drop path
+        if denied:  # allow is only consulted on the drop path
             assert allowed == model._in(rules.allow, 4, addr, clock.wall, False), hex(addr)
-        assert bogon == model._in(rules.bogons, 4, addr, clock.wall, False), hex(addr)
+        if not denied:  # bogons are only checked when the denylist passed
+            assert bogon == model._in(rules.bogons, 4, addr, clock.wall, False), hex(addr)
 
 
 def test_union_and_fill_match_naive_marking() -> None:
@@ -168,3 +169,15 @@ def test_l4_bit_vectors() -> None:
     assert ports[udp + 150, 0] == 0b10 and ports[udp + 9, 1] == 0b10
     assert ports[udp + 99, 0] == 0 and ports[abi.L4Class.TCP * abi.L4_PORTS + 123, 0] == 0
     assert ports[abi.L4Class.OTHER * abi.L4_PORTS + 47].tolist() == [0b100, 0b100]
+
+
+def test_allowlisted_hosts_stay_out_of_the_exact_table() -> None:
+    base = ruleset_from_config(NodeConfig(interface="x", role="backbone"))
+    rules = base.replace(
+        deny={"config": PrefixTables.from_prefixes([Prefix(4, 0xC6336407, 32),
+                                                    Prefix(4, 0xC63364F3, 32)])},
+        allow=PrefixTables.from_prefixes([Prefix(4, 0xC63364F0, 28)]))
+    c = compile_rules(rules, 1)
+    assert set(c.exact[c.exact != 0].tolist()) == {0xC6336407}
+    assert (0xC63364F3, 32) in set(zip(c.d4lpm.addr.tolist(), c.d4lpm.plen.tolist(),
+                                       strict=True))
