@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
         print("bench: " + "; ".join(problems), file=sys.stderr)
         return 1
-    repeat, count, rounds = (100_000, 300_000, 2) if args.quick else (1_000_000, 2_000_000, 7)
+    repeat, count, rounds = (100_000, 300_000, 2) if args.quick else (1_000_000, 3_000_000, 9)
     tmp = Path(tempfile.mkdtemp(prefix="pe-bench-"))
     node = StandaloneNode("bench")
     try:
