@@ -183,6 +183,8 @@ def e2e(node: StandaloneNode, tmp: Path, count: int, rounds: int, nft: bool) -> 
                     statistics.median(b.ns_per_packet for b, _ in pairs), 1),
                 "mpps_per_core": round(statistics.median(x.mpps_per_core for _, x in pairs), 2),
                 "packets": sum(x.packets for _, x in pairs),
+                "pairs_ns": [[round(b.ns_per_packet, 1), round(x.ns_per_packet, 1)]
+                             for b, x in pairs],
             }
             log(f"  {name:<24} {out[name]['ns_per_packet']:>8.1f} ns/packet, "
                 f"{out[name]['ratio']:.3f}x the baseline's rate")
