@@ -101,8 +101,41 @@ class PrefixTables:
                 v6.append((p.addr >> 64, p.addr & (2**64 - 1), p.plen, expires))
         return cls(np.array(v4, V4_DTYPE), np.array(v6, V6_DTYPE))
 
+    @classmethod
+    def concat(cls, *tables: PrefixTables) -> PrefixTables:
+        return cls(np.concatenate([t.v4 for t in tables] or [np.zeros(0, V4_DTYPE)]),
+                   np.concatenate([t.v6 for t in tables] or [np.zeros(0, V6_DTYPE)]))
+
     def __len__(self) -> int:
         return len(self.v4) + len(self.v6)
+
+    def _keys(self) -> tuple[np.ndarray, set[tuple[int, int, int]]]:
+        k4 = (self.v4["addr"].astype(np.uint64) << np.uint64(8)) | self.v4["plen"]
+        k6 = {(int(h), int(lo), int(p))
+              for h, lo, p in zip(self.v6["hi"], self.v6["lo"], self.v6["plen"], strict=True)}
+        return k4, k6
+
+    @staticmethod
+    def _key(p: Prefix) -> int | tuple[int, int, int]:
+        return (p.addr << 8) | p.plen if p.version == 4 else \
+            (p.addr >> 64, p.addr & (2**64 - 1), p.plen)
+
+    def has(self, prefixes: list[Prefix]) -> list[bool]:
+        """For each prefix: is it an entry of the table (vectorised for IPv4)?"""
+        k4, k6 = self._keys()
+        q4 = np.array([self._key(p) for p in prefixes if p.version == 4], np.uint64)
+        hit4 = iter(np.isin(q4, k4).tolist())
+        return [next(hit4) if p.version == 4 else self._key(p) in k6 for p in prefixes]
+
+    def without(self, prefixes: list[Prefix]) -> PrefixTables:
+        """The table without the given prefixes."""
+        k4, _ = self._keys()
+        gone4 = np.array([self._key(p) for p in prefixes if p.version == 4], np.uint64)
+        gone6 = {self._key(p) for p in prefixes if p.version == 6}
+        keep6 = np.array([(int(h), int(lo), int(p)) not in gone6 for h, lo, p in
+                          zip(self.v6["hi"], self.v6["lo"], self.v6["plen"], strict=True)],
+                         bool).reshape(-1)
+        return PrefixTables(self.v4[~np.isin(k4, gone4)], self.v6[keep6])
 
     def prefixes(self) -> list[tuple[Prefix, float]]:
         out = [(Prefix(4, int(r["addr"]), int(r["plen"])), float(r["expires"])) for r in self.v4]

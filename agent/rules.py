@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from agent.config import Capacity, L4Rule, Limits, NodeConfig
 from agent.prefixes import PrefixTables, parse_file
 
@@ -46,9 +44,7 @@ class RuleSet:
 
     def deny_all(self) -> PrefixTables:
         """Every deny entry of every source (duplicates included)."""
-        tabs = [self.deny[s] for s in DENY_SOURCES]
-        return PrefixTables(np.concatenate([t.v4 for t in tabs]),
-                            np.concatenate([t.v6 for t in tabs]))
+        return PrefixTables.concat(*(self.deny[s] for s in DENY_SOURCES))
 
 
 def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet:
@@ -56,11 +52,8 @@ def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet
 
     Reads the config's deny files: raises PrefixError naming the bad line.
     """
-    config_deny = PrefixTables.from_prefixes(cfg.prefixes(cfg.deny.prefixes))
-    for path in cfg.deny.files:
-        t = parse_file(path)
-        config_deny = PrefixTables(np.concatenate([config_deny.v4, t.v4]),
-                                   np.concatenate([config_deny.v6, t.v6]))
+    config_deny = PrefixTables.concat(PrefixTables.from_prefixes(cfg.prefixes(cfg.deny.prefixes)),
+                                      *(parse_file(path) for path in cfg.deny.files))
     deny = {"config": config_deny}
     if keep is not None:
         deny.update({s: keep.deny[s] for s in ("list", "adhoc")})

@@ -13,8 +13,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
-
 from agent import catalog
 from agent.apply import LIMITS_ONLY, apply_changes, apply_generation
 from agent.compile import compile_rules
@@ -43,21 +41,6 @@ def current_rules(node: Node) -> RuleSet:
     return rules
 
 
-def _concat(a: PrefixTables, b: PrefixTables) -> PrefixTables:
-    return PrefixTables(np.concatenate([a.v4, b.v4]), np.concatenate([a.v6, b.v6]))
-
-
-def _without(t: PrefixTables, drop: list[Prefix]) -> PrefixTables:
-    """The table without the given prefixes (vectorised: lists run to millions)."""
-    key4 = (t.v4["addr"].astype(np.uint64) << np.uint64(8)) | t.v4["plen"]
-    gone4 = np.array([(p.addr << 8) | p.plen for p in drop if p.version == 4], np.uint64)
-    v6 = {(p.addr >> 64, p.addr & (2**64 - 1), p.plen) for p in drop if p.version == 6}
-    keep6 = np.array([(int(h), int(lo), int(p)) not in v6
-                      for h, lo, p in zip(t.v6["hi"], t.v6["lo"], t.v6["plen"], strict=True)],
-                     bool).reshape(-1)
-    return PrefixTables(t.v4[~np.isin(key4, gone4)], t.v6[keep6])
-
-
 def entries(rules: RuleSet, source: str | None = None) -> list[Entry]:
     out = []
     for s in DENY_SOURCES:
@@ -79,8 +62,8 @@ def deny_add(node: Node, texts: list[str], expires_in: float = 0.0,
     expires = time.time() + expires_in if expires_in else 0.0
     with node.lock():
         rules = current_rules(node)
-        adhoc = _concat(_without(rules.deny["adhoc"], prefixes),
-                        PrefixTables.from_prefixes(prefixes, expires))
+        adhoc = PrefixTables.concat(rules.deny["adhoc"].without(prefixes),
+                                    PrefixTables.from_prefixes(prefixes, expires))
         return _apply_live(node, rules.with_deny("adhoc", adhoc), dry_run)
 
 
@@ -89,17 +72,18 @@ def deny_remove(node: Node, texts: list[str], dry_run: bool = False) -> dict:
     prefixes = [parse_prefix(t) for t in texts]
     with node.lock():
         rules = current_rules(node)
-        known = {(e.prefix, e.source) for e in entries(rules)}
-        missing = [str(p) for p in prefixes if not any((p, s) in known for s in DENY_SOURCES)]
+        found = {s: rules.deny[s].has(prefixes) for s in DENY_SOURCES}
+        missing = [str(p) for i, p in enumerate(prefixes)
+                   if not any(found[s][i] for s in DENY_SOURCES)]
         if missing:
             raise OpError(f"not on the denylist: {', '.join(missing)} (nothing removed)")
-        in_config = [str(p) for p in prefixes if (p, "config") in known]
+        in_config = [str(p) for i, p in enumerate(prefixes) if found["config"][i]]
         if in_config:
             raise OpError(f"{', '.join(in_config)} come(s) from the node config; remove them "
                           "there and reload the agent (nothing removed)")
         new = rules
         for s in ("adhoc", "list"):
-            new = new.with_deny(s, _without(new.deny[s], prefixes))
+            new = new.with_deny(s, new.deny[s].without(prefixes))
         return _apply_live(node, new, dry_run)
 
 
@@ -123,11 +107,12 @@ def allow_change(node: Node, add: list[str], remove: list[str], dry_run: bool = 
     removes = [parse_prefix(t) for t in remove]
     with node.lock():
         rules = current_rules(node)
-        present = {p for p, _ in rules.allow.prefixes()}
-        missing = [str(p) for p in removes if p not in present]
+        missing = [str(p) for p, there in zip(removes, rules.allow.has(removes), strict=True)
+                   if not there]
         if missing:
             raise OpError(f"not on the allowlist: {', '.join(missing)} (nothing changed)")
-        allow = _concat(_without(rules.allow, removes + adds), PrefixTables.from_prefixes(adds))
+        allow = PrefixTables.concat(rules.allow.without(removes + adds),
+                                    PrefixTables.from_prefixes(adds))
         return _apply_live(node, rules.replace(allow=allow), dry_run)
 
 

@@ -24,7 +24,7 @@ from scapy.packet import Raw, raw
 
 from agent.compile import exact_hashes
 from agent.config import L4Rule, Limits, RateLimit
-from agent.prefixes import v4_text
+from agent.prefixes import PrefixTables, v4_text
 from agent.rules import RuleSet
 from tests.harness import tables
 
@@ -107,14 +107,8 @@ def standard_rules(base: RuleSet, now: float | None = None) -> RuleSet:
                   *crafted)
     live = tables("198.51.100.99", "2001:db8:beef::/64", expires=now + 3600)
     gone = tables("198.51.100.98", "2001:db8:cafe::/64", expires=now - 10)
-    from agent.prefixes import PrefixTables
-
-    def cat(*ts: PrefixTables) -> PrefixTables:
-        return PrefixTables(np.concatenate([t.v4 for t in ts]),
-                            np.concatenate([t.v6 for t in ts]))
-
     return base.replace(
-        deny={"config": deny, "list": cat(live, gone), "adhoc": tables()},
+        deny={"config": deny, "list": PrefixTables.concat(live, gone), "adhoc": tables()},
         allow=tables("192.0.2.128/25", "2001:db8:bad:1::/64", "10.1.1.0/24",
                      "198.51.100.240/28"),
         bogons=tables("0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "224.0.0.0/4", "240.0.0.0/4",

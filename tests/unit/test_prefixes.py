@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from agent.prefixes import Prefix, PrefixError, parse_file, parse_list, parse_prefix
+from agent.prefixes import (
+    Prefix,
+    PrefixError,
+    PrefixTables,
+    parse_file,
+    parse_list,
+    parse_prefix,
+)
 
 
 @pytest.mark.parametrize(("text", "version", "addr", "plen"), [
@@ -71,3 +78,13 @@ def test_contains() -> None:
     assert parse_prefix("10.0.0.0/8").contains(parse_prefix("10.1.2.0/24"))
     assert not parse_prefix("10.1.2.0/24").contains(parse_prefix("10.0.0.0/8"))
     assert not parse_prefix("10.0.0.0/8").contains(parse_prefix("::/0"))
+
+
+def test_tables_has_without_concat() -> None:
+    a, b, c = (parse_prefix(x) for x in ("192.0.2.0/24", "2001:db8::/48", "198.51.100.7"))
+    t = PrefixTables.concat(PrefixTables.from_prefixes([a, b]), PrefixTables.from_prefixes([c]))
+    assert len(t) == 3
+    assert t.has([a, b, c, parse_prefix("192.0.2.0/25")]) == [True, True, True, False]
+    rest = t.without([a, b])
+    assert [p for p, _ in rest.prefixes()] == [c]
+    assert len(PrefixTables.concat()) == 0
