@@ -7,8 +7,9 @@
  * reason, and an allowlisted source overrides any of them. The allowlist is
  * consulted only on that drop path, so passing traffic never pays for it.
  *
- * IPv4 sources go through the /24 summary first (one cache line for most
- * packets); see bpf/README.md for why it is shaped this way.
+ * IPv4 sources meet the exact /32 table first, then the /24 summary, and a
+ * trie only for the few /24s that need one: one or two cache lines for
+ * nearly every packet. bpf/README.md says why it is shaped this way.
  */
 #ifndef PE_FILTER_H
 #define PE_FILTER_H
