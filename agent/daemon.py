@@ -94,6 +94,7 @@ class Agent:
                 phase("expire", f"{r['expired']} entr{'y' if r['expired'] == 1 else 'ies'} "
                                 "expired and removed")
         except FAILURES as e:
+            self._seen_mtime = 0  # re-read the rule set, and so retry, next time
             phase("expire", f"failed, will retry: {e}")
 
     def run(self) -> int:

@@ -128,15 +128,11 @@ class Node:
     # -- locking -------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def lock(self, wait: bool = True) -> Iterator[None]:
+    def lock(self) -> Iterator[None]:
         """The writers' lock of this interface (flock on run_dir/lock)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with open(self.run_dir / "lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                raise NodeError(f"{self.ifname}: another writer holds {self.run_dir}/lock") \
-                    from None
+            fcntl.flock(f, fcntl.LOCK_EX)
             yield
 
     # -- plain maps --------------------------------------------------------------------
