@@ -34,6 +34,14 @@ EXACT_MIN_SHIFT = 6
 EXACT_MAX_SHIFT = 26
 L4_RULES_MAX = 32
 L4_PORTS = 65536
+REGIONS_MAX = 16
+DCS_MAX = 255
+MAGLEV_EMPTY = 0xFF
+MAGLEV_PER_WORD = 8
+TUNNEL_TTL = 64
+FLOW_SEED = 0x5E2D58D8
+S_STEER = 1 << 0
+S_DECAP = 1 << 1
 
 C_CONSTANTS = {
     "PE_LAYOUT_VERSION": LAYOUT_VERSION,
@@ -53,6 +61,14 @@ C_CONSTANTS = {
     "PE_EXACT_MAX_SHIFT": EXACT_MAX_SHIFT,
     "PE_L4_RULES_MAX": L4_RULES_MAX,
     "PE_L4_PORTS": L4_PORTS,
+    "PE_REGIONS_MAX": REGIONS_MAX,
+    "PE_DCS_MAX": DCS_MAX,
+    "PE_MAGLEV_EMPTY": MAGLEV_EMPTY,
+    "PE_MAGLEV_PER_WORD": MAGLEV_PER_WORD,
+    "PE_TUNNEL_TTL": TUNNEL_TTL,
+    "PE_FLOW_SEED": FLOW_SEED,
+    "PE_S_STEER": S_STEER,
+    "PE_S_DECAP": S_DECAP,
 }
 
 # -- enums (each names its C prefix) ---------------------------------------------
@@ -81,10 +97,17 @@ class Reason(IntEnum):
     DROP_L4_RULE = 17
     DROP_RATE_SYN = 18
     DROP_RATE_UDP = 19
+    PASS_DECAP = 20
+    PASS_IN_REGION = 21
+    REDIRECT_STEER = 22
+    DROP_NO_REGION_DC = 23
+    DROP_STEER_FAIL = 24
+    DROP_TOO_BIG = 25
+    DROP_BAD_TUNNEL = 26
 
     @property
     def verdict(self) -> str:
-        """"PASS" or "DROP", from the name (as PE_DROP_REASONS does in C)."""
+        """"PASS", "DROP" or "REDIRECT", from the name (as the masks in C)."""
         return self.name.split("_", 1)[0]
 
     @property
@@ -95,6 +118,7 @@ class Reason(IntEnum):
 
 
 DROP_REASONS_MASK = sum(1 << r for r in Reason if r.verdict == "DROP")
+REDIRECT_REASONS_MASK = sum(1 << r for r in Reason if r.verdict == "REDIRECT")
 
 
 class SumState(IntEnum):
@@ -207,9 +231,36 @@ class RlVal(ctypes.Structure):
     _fields_ = (("tat_ns", u64),)
 
 
+class Steer(ctypes.Structure):
+    _c_name_ = "pe_steer"
+    _fields_ = (
+        ("flags", u32),
+        ("region", u32),
+        ("bb_addr4", u8 * 4),
+        ("bb_ifindex", u32),
+        ("maglev_size", u32),
+        ("_pad", u32),
+    )
+
+
+class Dc(ctypes.Structure):
+    _c_name_ = "pe_dc"
+    _fields_ = (("bb_addr4", u8 * 4), ("region", u32))
+
+
+class Svc(ctypes.Structure):
+    _c_name_ = "pe_svc"
+    _fields_ = (("region", u32), ("_pad", u32))
+
+
+class Addr6(ctypes.Structure):
+    _c_name_ = "pe_addr6"
+    _fields_ = (("addr", u8 * 16),)
+
+
 STRUCTS: tuple[type[ctypes.Structure], ...] = (
     Counter, Active, Rate, Params, ExactBucket, Lpm4Key, Lpm6Key, LpmVal, L4Ports,
-    RlKey, RlVal,
+    RlKey, RlVal, Steer, Dc, Svc, Addr6,
 )
 
 # -- numpy views of the same layouts, for bulk fills; the ABI test checks them ----------
@@ -218,5 +269,8 @@ LPM4_KEY_DTYPE = np.dtype([("prefixlen", "<u4"), ("addr", ">u4")])
 LPM6_KEY_DTYPE = np.dtype([("prefixlen", "<u4"), ("hi", ">u8"), ("lo", ">u8")])
 LPM_VAL_DTYPE = np.dtype([("expires_ns", "<u8")])
 L4_PORTS_DTYPE = np.dtype([("src_rules", "<u4"), ("dst_rules", "<u4")])
+DC_DTYPE = np.dtype([("bb_addr4", ">u4"), ("region", "<u4")])
+SVC_DTYPE = np.dtype([("region", "<u4"), ("_pad", "<u4")])
+ADDR6_DTYPE = np.dtype([("addr", "u1", (16,))])
 NUMPY_VIEWS = {Lpm4Key: LPM4_KEY_DTYPE, Lpm6Key: LPM6_KEY_DTYPE, LpmVal: LPM_VAL_DTYPE,
-               L4Ports: L4_PORTS_DTYPE}
+               L4Ports: L4_PORTS_DTYPE, Dc: DC_DTYPE, Svc: SVC_DTYPE, Addr6: ADDR6_DTYPE}

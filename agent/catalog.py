@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.config import Capacity, L4Rule, Limits
+from agent.config import Capacity, L4Rule, Limits, Steering
 from agent.prefixes import PrefixTables
 from agent.rules import DENY_SOURCES, RuleSet
 
@@ -33,6 +33,8 @@ def save(run_dir: Path, rules: RuleSet) -> None:
         "limits": rules.limits.model_dump(mode="json"),
         "public": rules.public,
         "capacity": rules.capacity.model_dump(mode="json"),
+        "steering": rules.steering.model_dump(mode="json") if rules.steering else None,
+        "backbone_ifindex": rules.backbone_ifindex,
     }
     arrays["meta"] = np.array(json.dumps(meta))
     tmp = run_dir / f"{FILE}.tmp{os.getpid()}"
@@ -60,6 +62,8 @@ def load(run_dir: Path) -> RuleSet | None:
             limits=Limits.model_validate(meta["limits"]),
             public=meta["public"],
             capacity=Capacity.model_validate(meta["capacity"]),
+            steering=Steering.model_validate(meta["steering"]) if meta.get("steering") else None,
+            backbone_ifindex=meta.get("backbone_ifindex", 0),
         )
 
 

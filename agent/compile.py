@@ -28,6 +28,7 @@ from agent import abi
 from agent.config import Capacity, L4Rule
 from agent.maps import exact_buckets
 from agent.rules import RuleSet
+from agent.steering import SteerTables, compile_steering
 
 N24 = 1 << 24
 NEVER = np.inf
@@ -92,6 +93,7 @@ class Compiled:
     b6lpm: Lpm6
     l4ports: np.ndarray          # uint32[L4 classes * 65536, 2]
     params: abi.Params
+    steer: SteerTables
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -411,7 +413,10 @@ def compile_rules(rules: RuleSet, generation: int, clock: Clock | None = None,
         syn=abi.Rate(rules.limits.syn.interval_ns, rules.limits.syn.burst_ns),
         udp=abi.Rate(rules.limits.udp.interval_ns, rules.limits.udp.burst_ns),
     )
+    steer = compile_steering(rules.steering, rules.public, rules.backbone_ifindex,
+                             cap.maglev_slots)
     counts.update(deny6=len(d6), allow4=len(a4), allow6=len(a6), bogon4=len(b4),
-                  bogon6=len(b6), l4_rules=len(rules.l4_rules))
-    return Compiled(summary, exact, shift, d4, d6, a4, a6, b4, b6, ports, params, counts)
+                  bogon6=len(b6), l4_rules=len(rules.l4_rules), **steer.counts)
+    return Compiled(summary, exact, shift, d4, d6, a4, a6, b4, b6, ports, params, steer,
+                    counts)
 

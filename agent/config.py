@@ -7,6 +7,7 @@ file, the path inside it, the value and why, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -137,6 +138,20 @@ class Capacity(Frozen):
     allow: int = Field(default=4096, ge=16, le=1 << 20)
     bogons: int = Field(default=1024, ge=16, le=1 << 16)
     rate_sources: int = Field(default=65_536, ge=1024, le=1 << 24)
+    # Maglev slots per region: a prime well above the DC count (the paper's
+    # rule of thumb is M > 100 N) so flows spread evenly.
+    maglev_slots: int = Field(default=65_537, ge=7, le=1 << 20)
+    services: int = Field(default=4096, ge=16, le=1 << 20)
+
+    @field_validator("maglev_slots")
+    @classmethod
+    def _prime(cls, v: int) -> int:
+        from agent.maglev import is_prime
+
+        if not is_prime(v):
+            raise ValueError(f"{v} is not a prime (Maglev tables need a prime size, "
+                             "e.g. 65537 or 251)")
+        return v
 
 
 DEFAULT_BOGONS: tuple[str, ...] = (
@@ -166,6 +181,89 @@ class DenyConfig(Frozen):
     files: tuple[str, ...] = ()
 
 
+def _ipv4(value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(str(value)))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 address") from None
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+IPv4Text = Annotated[str, AfterValidator(_ipv4)]
+IPText = Annotated[str, AfterValidator(_ip)]
+NAME_RE = r"^[a-z0-9][a-z0-9-]{0,31}$"
+
+
+class SteeringDc(Frozen):
+    """A DC of the network, as steering sees it."""
+
+    name: str = Field(pattern=NAME_RE)
+    region: str = Field(pattern=NAME_RE)
+    backbone: IPv4Text
+    enabled: bool = True    # false: drained, takes no new flows (out of the Maglev table)
+
+
+class Service(Frozen):
+    """A Regional Services dedicated IP: traffic to it is inspected only in `region`."""
+
+    address: IPText
+    region: str = Field(pattern=NAME_RE)
+    zone: str = ""
+
+
+class Steering(Frozen):
+    """Regional Services steering: who this DC is, and where regions live."""
+
+    dc: str = Field(pattern=NAME_RE)
+    region: str = Field(pattern=NAME_RE)
+    backbone_interface: str
+    backbone_address: IPv4Text
+    dcs: tuple[SteeringDc, ...]
+    services: tuple[Service, ...] = ()
+
+    @field_validator("backbone_interface")
+    @classmethod
+    def _ifname(cls, v: str) -> str:
+        if not IFNAME_RE.match(v):
+            raise ValueError(f"{v!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Steering:
+        names = [d.name for d in self.dcs]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"dcs: names must be unique: {', '.join(dup)} repeated")
+        if len(self.dcs) > abi.DCS_MAX:
+            raise ValueError(f"dcs: {len(self.dcs)} DCs; at most {abi.DCS_MAX} fit the table")
+        me = next((d for d in self.dcs if d.name == self.dc), None)
+        if me is None:
+            raise ValueError(f"dc: {self.dc!r} is not in dcs ({', '.join(names)})")
+        if me.region != self.region or me.backbone != self.backbone_address:
+            raise ValueError(f"dc: {self.dc!r} is listed in dcs with region {me.region} and "
+                             f"backbone {me.backbone}, not {self.region} and "
+                             f"{self.backbone_address}")
+        regions = {d.region for d in self.dcs} | {s.region for s in self.services}
+        if len(regions) > abi.REGIONS_MAX:
+            raise ValueError(f"{len(regions)} regions; at most {abi.REGIONS_MAX}")
+        addrs = [s.address for s in self.services]
+        dup = sorted({a for a in addrs if addrs.count(a) > 1})
+        if dup:
+            raise ValueError(f"services: address {', '.join(dup)} listed twice")
+        return self
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """Region names in index order (the kernel knows regions by index)."""
+        return tuple(sorted({d.region for d in self.dcs} | {s.region for s in self.services}))
+
+
 class NodeConfig(Frozen):
     """One edge interface: where to attach and which rules to enforce."""
 
@@ -180,6 +278,7 @@ class NodeConfig(Frozen):
     bogons: tuple[PrefixText, ...] = DEFAULT_BOGONS
     deny: DenyConfig = DenyConfig()
     l4_rules: tuple[L4Rule, ...] = DEFAULT_L4_RULES
+    steering: Steering | None = None
 
     @field_validator("interface")
     @classmethod
@@ -208,6 +307,13 @@ class NodeConfig(Frozen):
         if dup:
             raise ValueError(f"rule names must be unique: {', '.join(dup)} repeated")
         return v
+
+    @model_validator(mode="after")
+    def _services_fit(self) -> NodeConfig:
+        if self.steering and len(self.steering.services) > self.capacity.services:
+            raise ValueError(f"steering.services: {len(self.steering.services)} addresses; "
+                             f"capacity.services is {self.capacity.services}")
+        return self
 
     @property
     def public(self) -> bool:

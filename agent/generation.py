@@ -90,6 +90,19 @@ def fill_inner(kind: str, fd: int, c: Compiled) -> None:
         write_array(fd, c.exact, spec.value_size, len(c.exact))
     elif kind == "l4ports":
         write_array(fd, c.l4ports, spec.value_size, len(c.l4ports))
+    elif kind == "steer":
+        lb.map_update(fd, ctypes.c_uint32(0), c.steer.params, what="pe_steer")
+    elif kind == "dcs":
+        keys = np.arange(abi.DCS_MAX, dtype=np.uint32)
+        lb.map_update_batch(fd, keys, c.steer.dcs, len(keys), what=spec.name)
+    elif kind == "svc4":
+        t = c.steer
+        lb.map_update_batch(fd, t.svc4_keys, t.svc4_vals, len(t.svc4_keys), what=spec.name)
+    elif kind == "svc6":
+        t = c.steer
+        lb.map_update_batch(fd, t.svc6_keys, t.svc6_vals, len(t.svc6_keys), what=spec.name)
+    elif kind == "maglev":
+        write_array(fd, c.steer.maglev, spec.value_size, len(c.steer.maglev) // 8)
     else:
         t = getattr(c, kind)
         keys, vals = lpm4_arrays(t) if isinstance(t, Lpm4) else lpm6_arrays(t)

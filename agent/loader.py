@@ -101,12 +101,35 @@ def upgrade_edge(node: Node, cap: Capacity, phase: Phase = _quiet,
     return edge.tag
 
 
+def prepare_backbone(ifname: str, phase: Phase = _quiet) -> int:
+    """The backbone link's ifindex, with IPv4 forwarding on for that link:
+    bpf_fib_lookup() refuses to route through a link that does not forward."""
+    index = xdp_link.ifindex(ifname)
+    path = f"/proc/sys/net/ipv4/conf/{ifname}/forwarding"
+    try:
+        with open(path) as f:
+            on = f.read().strip() == "1"
+        if not on:
+            with open(path, "w") as f:
+                f.write("1")
+            phase("steering", f"enabled IPv4 forwarding on {ifname} for FIB lookups")
+    except OSError as e:
+        raise NodeError(f"cannot enable forwarding on backbone link {ifname}: "
+                        f"{e.strerror}") from None
+    return index
+
+
 def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
     """Protect cfg.interface; idempotent. The caller may close the node."""
     phase("netns", cfg.netns or "(current)")
     enter_netns(cfg.netns)
     phase("interface", cfg.interface)
     xdp_link.ifindex(cfg.interface)  # fails early, by name, if it is missing
+    backbone = None
+    if cfg.steering:
+        phase("steering", f"dc {cfg.steering.dc} (region {cfg.steering.region}), "
+                          f"backbone {cfg.steering.backbone_interface}")
+        backbone = prepare_backbone(cfg.steering.backbone_interface, phase)
     phase("bpffs", "/sys/fs/bpf")
     ensure_bpffs()
     node = Node(cfg.interface, cfg.bpffs, cfg.run_dir)
@@ -115,7 +138,7 @@ def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
         tag = upgrade_edge(node, cfg.capacity, phase)
         phase("rules", "applying the config as a new generation")
         keep = catalog.load(node.run_dir)
-        report = apply_generation(node, ruleset_from_config(cfg, keep))
+        report = apply_generation(node, ruleset_from_config(cfg, keep, backbone))
         phase("rules", f"generation {report['generation']} live in {report['total_s']}s")
         attach_root(node, phase)
     return Started(node, created, tag, int(report["generation"]))

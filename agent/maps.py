@@ -49,6 +49,8 @@ PLAIN = {
     "active": MapSpec(f"pe_active{V}", lb.MapType.ARRAY, u32, abi.Active, 0, 1),
     "rl": MapSpec(f"pe_rl{V}", lb.MapType.LRU_HASH, abi.RlKey, abi.RlVal),
     "progs": MapSpec(f"pe_progs{V}", lb.MapType.PROG_ARRAY, u32, u32, 0, abi.PROG_SLOTS),
+    "steered": MapSpec(f"pe_steered{V}", lb.MapType.PERCPU_ARRAY, u32, abi.Counter, 0,
+                       abi.DCS_MAX),
 }
 
 # Inner maps of a generation, by kind; each kind has one outer map.
@@ -66,6 +68,12 @@ INNER = {
     "b6lpm": MapSpec(f"pe_b6lpm{V}", lb.MapType.LPM_TRIE, abi.Lpm6Key, abi.LpmVal, LPM),
     "l4ports": MapSpec(f"pe_l4ports{V}", lb.MapType.ARRAY, u32, abi.L4Ports, MMAP,
                        len(abi.L4Class) * abi.L4_PORTS),
+    "steer": MapSpec(f"pe_steer{V}", lb.MapType.ARRAY, u32, abi.Steer, 0, 1),
+    "dcs": MapSpec(f"pe_dcs{V}", lb.MapType.ARRAY, u32, abi.Dc, 0, abi.DCS_MAX),
+    "svc4": MapSpec(f"pe_svc4{V}", lb.MapType.HASH, u32, abi.Svc),
+    "svc6": MapSpec(f"pe_svc6{V}", lb.MapType.HASH, abi.Addr6, abi.Svc),
+    # Sized once per node from capacity.maglev_slots, like d4exact.
+    "maglev": MapSpec(f"pe_maglev{V}", lb.MapType.ARRAY, u32, u64, MMAP),
 }
 
 # The outer ARRAY_OF_MAPS of each kind, named like its inner maps.
@@ -93,6 +101,9 @@ def inner_entries(kind: str, cap: Capacity) -> int:
         "a6lpm": cap.allow,
         "b4lpm": cap.bogons,
         "b6lpm": cap.bogons,
+        "svc4": cap.services,
+        "svc6": cap.services,
+        "maglev": -(-abi.REGIONS_MAX * cap.maglev_slots // abi.MAGLEV_PER_WORD),
     }[kind]
 
 

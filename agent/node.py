@@ -150,13 +150,15 @@ class Node:
         lb.map_update(self.fd("active"), ctypes.c_uint32(0),
                       abi.Active(slot=slot, generation=generation), what="pe_active")
 
-    def counters(self) -> list[abi.Counter]:
-        """Per-reason totals, summed over CPUs."""
+    def counters(self, which: str = "stats") -> list[abi.Counter]:
+        """Per-CPU counters summed over CPUs: per reason ("stats") or per
+        DC tunnelled to ("steered")."""
         ncpu = lb.possible_cpus()
         size = ctypes.sizeof(abi.Counter)
-        keys, vals, n = lb.map_lookup_all(self.fd("stats"), 4, size * ncpu, abi.REASON_MAX,
-                                          what="pe_stats")
-        out = [abi.Counter() for _ in range(abi.REASON_MAX)]
+        spec = PLAIN[which]
+        keys, vals, n = lb.map_lookup_all(self.fd(which), 4, size * ncpu, spec.entries,
+                                          what=spec.name)
+        out = [abi.Counter() for _ in range(spec.entries)]
         for i in range(n):
             reason = int.from_bytes(keys[4 * i: 4 * i + 4], "little")
             for cpu in range(ncpu):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from agent.config import Capacity, L4Rule, Limits, NodeConfig
+from agent.config import Capacity, L4Rule, Limits, NodeConfig, Steering
 from agent.prefixes import PrefixTables, parse_file
 
 DENY_SOURCES = ("config", "list", "adhoc")
@@ -28,6 +28,10 @@ class RuleSet:
     limits: Limits
     public: bool
     capacity: Capacity = field(default_factory=Capacity)
+    steering: Steering | None = None
+    # The backbone link's ifindex, resolved by the agent in its namespace
+    # (the kernel's FIB lookups and redirects name links by index).
+    backbone_ifindex: int = 0
 
     def __post_init__(self) -> None:
         unknown = set(self.deny) - set(DENY_SOURCES)
@@ -47,8 +51,10 @@ class RuleSet:
         return PrefixTables.concat(*(self.deny[s] for s in DENY_SOURCES))
 
 
-def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet:
-    """The config's rules; `keep` carries the operator's list and adhoc denies.
+def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None,
+                        backbone_ifindex: int | None = None) -> RuleSet:
+    """The config's rules; `keep` carries the operator's list and adhoc denies
+    (and the backbone ifindex, unless a fresh one is given).
 
     Reads the config's deny files: raises PrefixError naming the bad line.
     """
@@ -65,4 +71,7 @@ def ruleset_from_config(cfg: NodeConfig, keep: RuleSet | None = None) -> RuleSet
         limits=cfg.limits,
         public=cfg.public,
         capacity=cfg.capacity,
+        steering=cfg.steering,
+        backbone_ifindex=(backbone_ifindex if backbone_ifindex is not None
+                          else keep.backbone_ifindex if keep is not None else 0),
     )

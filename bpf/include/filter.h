@@ -16,13 +16,7 @@
 
 #include "pe_abi.h"
 #include "parse.h"
-
-/* The live generation as one packet sees it: the slot is read once, so a
- * packet never mixes the maps of two generations. */
-struct pe_gen {
-	__u32 slot;
-	struct pe_params *params;
-};
+#include "gen.h"
 
 /* Deny LPM entries carry an expiry; the agent stores in each entry the
  * latest expiry of every entry containing it, so the longest match alone
@@ -236,40 +230,28 @@ static __always_inline int rate_exceeded(struct pe_pkt *p, struct pe_rate *r, __
 }
 
 /* Stage 3. Returns PE_R_PASS or the reason to drop (or PE_R_PASS_*). */
-static __always_inline __u32 stage_filter(struct pe_pkt *p)
+static __always_inline __u32 stage_filter(struct pe_gen *g, struct pe_pkt *p)
 {
-	__u32 zero = 0, state = PE_SUM_CLEAN, reason = PE_R_PASS;
-	struct pe_active *act = pe_active_v1.lookup(&zero);
-	struct pe_gen g;
-
-	if (!act)
-		return PE_R_PASS_NO_RULES;
-	g.slot = act->slot;
-	g.params = NULL;
-	void *pm = pe_params_v1.lookup(&g.slot);
-	if (pm)
-		g.params = bpf_map_lookup_elem(pm, &zero);
-	if (!g.params)
-		return PE_R_PASS_NO_RULES;
+	__u32 state = PE_SUM_CLEAN, reason = PE_R_PASS;
 
 	if (p->l3_proto == ETH_P_IP) {
-		if (deny4(&g, p, &state))
+		if (deny4(g, p, &state))
 			reason = PE_R_DROP_DENYLIST;
-	} else if (deny6(&g, p)) {
+	} else if (deny6(g, p)) {
 		reason = PE_R_DROP_DENYLIST;
 	}
-	if (reason == PE_R_PASS && bogon(&g, p, state))
+	if (reason == PE_R_PASS && bogon(g, p, state))
 		reason = PE_R_DROP_BOGON;
-	if (reason == PE_R_PASS && l4_rule_drops(&g, p))
+	if (reason == PE_R_PASS && l4_rule_drops(g, p))
 		reason = PE_R_DROP_L4_RULE;
 	if (reason == PE_R_PASS) {
-		if (p->tcp_syn && rate_exceeded(p, &g.params->syn, PE_RL_SYN))
+		if (p->tcp_syn && rate_exceeded(p, &g->params->syn, PE_RL_SYN))
 			reason = PE_R_DROP_RATE_SYN;
-		else if (p->l4_proto == IPPROTO_UDP && rate_exceeded(p, &g.params->udp, PE_RL_UDP))
+		else if (p->l4_proto == IPPROTO_UDP && rate_exceeded(p, &g->params->udp, PE_RL_UDP))
 			reason = PE_R_DROP_RATE_UDP;
 	}
 	if (reason != PE_R_PASS)
-		return allowed(&g, p, state) ? PE_R_PASS_ALLOW : reason;
+		return allowed(g, p, state) ? PE_R_PASS_ALLOW : reason;
 	return p->nonfirst_frag ? PE_R_PASS_FRAGMENT : PE_R_PASS;
 }
 

@@ -38,11 +38,18 @@ struct pe_pkt {
 	__u8 tcp_syn;           /* 1: TCP SYN without ACK */
 	__u16 sport;
 	__u16 dport;
+	__u8 tos;               /* IPv4 TOS / IPv6 traffic class */
+	__u16 l3_off;           /* offset of the IP header in the frame */
+	__u16 l4_off;           /* offset of the header after IPv4's (options included) */
+	__u16 l3_len;           /* IP packet length from its header (frame padding excluded) */
 	__u32 saddr4;           /* network order */
+	__u32 daddr4;
 	struct in6_addr saddr6;
+	struct in6_addr daddr6;
 };
 
 struct pe_cursor {
+	void *start;
 	void *pos;
 	void *end;
 };
@@ -102,6 +109,9 @@ static __always_inline int parse_ipv4(struct pe_cursor *c, struct pe_pkt *p, __u
 		return -PE_R_DROP_BAD_LENGTH;
 
 	p->saddr4 = ip->saddr;
+	p->daddr4 = ip->daddr;
+	p->tos = ip->tos;
+	p->l3_len = tot;
 	p->l4_proto = ip->protocol;
 	__u16 frag = bpf_ntohs(ip->frag_off);
 	if (frag & PE_IP_OFFSET) {
@@ -113,6 +123,7 @@ static __always_inline int parse_ipv4(struct pe_cursor *c, struct pe_pkt *p, __u
 		p->first_frag = 1;
 	}
 	c->pos += hlen;
+	p->l4_off = c->pos - c->start;
 	*l4_len = tot - hlen;
 	return ip->protocol;
 }
@@ -136,6 +147,9 @@ static __always_inline int parse_ipv6(struct pe_cursor *c, struct pe_pkt *p, __u
 		return -PE_R_DROP_BAD_LENGTH;
 	void *payload_end = c->pos + plen;
 	__builtin_memcpy(&p->saddr6, &ip6->saddr, sizeof(p->saddr6));
+	__builtin_memcpy(&p->daddr6, &ip6->daddr, sizeof(p->daddr6));
+	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
+	p->l3_len = sizeof(*ip6) + plen;
 
 	__u8 next = ip6->nexthdr;
 #pragma unroll
@@ -245,6 +259,7 @@ static __always_inline int parse_l4(struct pe_cursor *c, struct pe_pkt *p, __u32
 static __always_inline int stage_parse(struct xdp_md *ctx, struct pe_pkt *p)
 {
 	struct pe_cursor c = {
+		.start = (void *)(long)ctx->data,
 		.pos = (void *)(long)ctx->data,
 		.end = (void *)(long)ctx->data_end,
 	};
@@ -256,6 +271,7 @@ static __always_inline int stage_parse(struct xdp_md *ctx, struct pe_pkt *p)
 	if (rc < 0)
 		return -rc;
 	p->l3_proto = rc;
+	p->l3_off = c.pos - c.start;
 	if (rc == ETH_P_IP)
 		rc = parse_ipv4(&c, p, &l4_len);
 	else if (rc == ETH_P_IPV6)

@@ -44,7 +44,14 @@ enum pe_reason {
 	PE_R_DROP_L4_RULE = 17,     /* an L4 rule (protocol, ports) said drop */
 	PE_R_DROP_RATE_SYN = 18,    /* source over its TCP SYN token bucket */
 	PE_R_DROP_RATE_UDP = 19,    /* source over its UDP token bucket */
-	PE_R__COUNT = 20,
+	PE_R_PASS_DECAP = 20,       /* tunnelled to this DC from the backbone: inner packet to the stack */
+	PE_R_PASS_IN_REGION = 21,   /* for a Regional Services IP of this DC's own region */
+	PE_R_REDIRECT_STEER = 22,   /* Regional Services IP of another region: tunnelled to an in-region DC */
+	PE_R_DROP_NO_REGION_DC = 23, /* Regional Services IP whose region has no DC in the table */
+	PE_R_DROP_STEER_FAIL = 24,  /* no headroom, no route or no neighbour towards the in-region DC */
+	PE_R_DROP_TOO_BIG = 25,     /* the tunnelled packet would exceed the backbone MTU */
+	PE_R_DROP_BAD_TUNNEL = 26,  /* a tunnel inside a tunnel to this DC */
+	PE_R__COUNT = 27,
 };
 
 /* Counter slots: room to append reasons without a layout bump. */
@@ -52,7 +59,10 @@ enum pe_reason {
 
 /* Bit r set: reason r comes with XDP_DROP (every other reason passes).
  * Kept next to the enum; the ABI test checks it against the names. */
-#define PE_DROP_REASONS ((1ULL << PE_R__COUNT) - (1ULL << PE_R_DROP_TRUNCATED))
+#define PE_DROP_REASONS (((1ULL << (PE_R_DROP_RATE_UDP + 1)) - (1ULL << PE_R_DROP_TRUNCATED)) | \
+			 ((1ULL << PE_R__COUNT) - (1ULL << PE_R_DROP_NO_REGION_DC)))
+/* Bit r set: reason r comes with XDP_REDIRECT (bpf_redirect() was called). */
+#define PE_REDIRECT_REASONS (1ULL << PE_R_REDIRECT_STEER)
 
 /* One counter slot per reason, in a per-CPU array (pe_stats). */
 struct pe_counter {
@@ -191,6 +201,54 @@ struct pe_rl_val {
 	__u64 tat_ns;           /* GCRA theoretical arrival time */
 };
 _Static_assert(sizeof(struct pe_rl_val) == 8, "pe_rl_val");
+
+/*
+ * Regional Services steering (include/steer.h). A dedicated IP of a zone
+ * with a region maps to that region's index; a DC outside the region
+ * picks an in-region DC from the region's Maglev table (maglev_size slots,
+ * a prime, at region * maglev_size) by a hash of the flow, and tunnels
+ * the packet there in IPv4 (IPIP, or 6in4 for IPv6) over the backbone.
+ */
+#define PE_REGIONS_MAX 16
+#define PE_DCS_MAX 255                  /* DC numbers are bytes; 255 is EMPTY */
+#define PE_MAGLEV_EMPTY 0xFF            /* a slot of a region without DCs */
+#define PE_MAGLEV_PER_WORD 8            /* one-byte slots, 8 to a u64 map value */
+#define PE_TUNNEL_TTL 64
+#define PE_FLOW_SEED 0x5E2D58D8U        /* agent/flowhash.py hashes the same way */
+
+/* pe_steer.flags */
+#define PE_S_STEER (1U << 0)    /* tunnel other regions' traffic: an internet-facing link */
+#define PE_S_DECAP (1U << 1)    /* decapsulate tunnels to bb_addr4: a backbone link */
+
+/* This DC as one generation sees it: one-entry array. */
+struct pe_steer {
+	__u32 flags;            /* PE_S_* */
+	__u32 region;           /* this DC's region index */
+	__u32 bb_addr4;         /* this DC's backbone address, network order */
+	__u32 bb_ifindex;       /* the backbone link: FIB lookups and redirects use it */
+	__u32 maglev_size;      /* slots per region: a prime */
+	__u32 _pad;
+};
+_Static_assert(sizeof(struct pe_steer) == 24, "pe_steer");
+
+/* A DC a Maglev slot names (array indexed by DC number). */
+struct pe_dc {
+	__u32 bb_addr4;         /* backbone address, network order; 0 = no such DC */
+	__u32 region;
+};
+_Static_assert(sizeof(struct pe_dc) == 8, "pe_dc");
+
+/* A Regional Services dedicated IP (hash value, keyed by address). */
+struct pe_svc {
+	__u32 region;           /* region index, < PE_REGIONS_MAX */
+	__u32 _pad;
+};
+_Static_assert(sizeof(struct pe_svc) == 8, "pe_svc");
+
+struct pe_addr6 {
+	__u8 addr[16];
+};
+_Static_assert(sizeof(struct pe_addr6) == 16, "pe_addr6");
 
 /* Program array slots of the root program. */
 enum pe_prog_slot {

@@ -41,6 +41,11 @@ BPF_TABLE_PINNED("lru_hash", struct pe_rl_key, struct pe_rl_val, pe_rl_v1,
 BPF_TABLE_PINNED("prog", __u32, __u32, pe_progs_v1, PE_PROG__SLOTS,
 		 PE_PIN(pe_progs_v1));
 
+/* Packets and bytes tunnelled to each DC (by DC number), for status:
+ * which in-region DC this one hands a regional zone's flows to. */
+BPF_TABLE_PINNED("percpu_array", __u32, struct pe_counter, pe_steered_v1,
+		 PE_DCS_MAX, PE_PIN(pe_steered_v1));
+
 /*
  * Rule generations: outer arrays of PE_GEN_SLOTS inner maps each, one outer
  * per kind of rule map. Written by the agent only. Inner map specs (type,
@@ -59,5 +64,10 @@ PE_OUTER(pe_a6lpm_v1);    /* LPM: IPv6 allowlist */
 PE_OUTER(pe_b4lpm_v1);    /* LPM: IPv4 bogons (checked only on SLOW /24s) */
 PE_OUTER(pe_b6lpm_v1);    /* LPM: IPv6 bogons */
 PE_OUTER(pe_l4ports_v1);  /* ARRAY[3 * 65536] of struct pe_l4_ports */
+PE_OUTER(pe_steer_v1);    /* ARRAY[1] of struct pe_steer: this DC, this link */
+PE_OUTER(pe_dcs_v1);      /* ARRAY[PE_DCS_MAX] of struct pe_dc */
+PE_OUTER(pe_svc4_v1);     /* HASH __u32 (network order) -> struct pe_svc */
+PE_OUTER(pe_svc6_v1);     /* HASH struct pe_addr6 -> struct pe_svc */
+PE_OUTER(pe_maglev_v1);   /* ARRAY of __u64: 8 one-byte DC numbers each, PE_REGIONS_MAX tables */
 
 #endif /* PE_MAPS_H */

@@ -32,6 +32,7 @@ def _probe_items() -> list[tuple[str, str]]:
         items += [(prefix + m.name, prefix + m.name) for m in enum]
     items += [(name, name) for name in abi.C_CONSTANTS]
     items.append(("PE_DROP_REASONS", "PE_DROP_REASONS"))
+    items.append(("PE_REDIRECT_REASONS", "PE_REDIRECT_REASONS"))
     return items
 
 
@@ -77,6 +78,7 @@ def test_constants(c_view):
 
 def test_drop_mask_matches_reason_names(c_view):
     assert c_view["PE_DROP_REASONS"] == abi.DROP_REASONS_MASK
+    assert c_view["PE_REDIRECT_REASONS"] == abi.REDIRECT_REASONS_MASK
     assert len(abi.Reason) <= abi.REASON_MAX
 
 
