@@ -1,9 +1,10 @@
-"""privedge-agent: bring an interface under protection and look after it.
+"""privedge-agent: bring a DC's links under protection and look after them.
 
-  privedge-agent run --config node.yaml     start (or adopt), then stay:
-                                            SIGHUP reloads the config as a new
-                                            generation, SIGTERM/SIGINT exit and
-                                            leave the program attached
+  privedge-agent run --config inet0.yaml [--config bb0.yaml] [--serve serve.yaml]
+        start (or adopt) every link, then stay: SIGHUP reloads each config as a
+        new generation (and restarts the front end), SIGTERM/SIGINT exit and
+        leave the programs attached. --serve runs the TLS front end with the
+        Regional Services guard (agent/l7).
   privedge-agent check --config node.yaml   validate config and lists; change nothing
   privedge-agent detach IFACE               remove program, pins and state
 
@@ -19,11 +20,13 @@ import sys
 import threading
 import time
 
-from agent import catalog, loader
+from agent import catalog, loader, neighbours
 from agent.apply import apply_generation, expire_entries
 from agent.bcc_build import BuildError
 from agent.compile import CapacityError, compile_rules
 from agent.config import ConfigError, NodeConfig, load_config
+from agent.l7.config import load_serve_config
+from agent.l7.server import ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
 from agent.maps import LayoutError
 from agent.node import NodeError
@@ -32,28 +35,29 @@ from agent.rules import ruleset_from_config
 from agent.xdp_link import LinkError
 
 SWEEP_SECONDS = 1.0
+NEIGHBOUR_SECONDS = 5.0
 FAILURES = (ConfigError, PrefixError, CapacityError, NodeError, LayoutError, LinkError,
-            BuildError, BpfError)
+            BuildError, BpfError, ServeError)
 
 
 def phase(name: str, detail: str) -> None:
     print(f"privedge-agent: [{name}] {detail}", flush=True)
 
 
-class Agent:
+class Link:
+    """One protected interface: its config, its node, its expiry sweep."""
+
     def __init__(self, config_path: str) -> None:
         self.config_path = config_path
         self.cfg: NodeConfig = load_config(config_path)
-        self.stop = threading.Event()
-        self.reload = threading.Event()
         self._seen_mtime = 0
         self._next_expiry: float | None = None
 
-    def start(self):
+    def start(self) -> None:
         started = loader.start(self.cfg, phase)
         self.node = started.node
-        phase("ready", f"{self.cfg.interface} protected, generation {started.generation}, "
-                       f"edge program {started.edge_tag}")
+        phase("link", f"{self.cfg.interface} protected, generation {started.generation}, "
+                      f"edge program {started.edge_tag}")
 
     def do_reload(self) -> None:
         """SIGHUP: re-read the config and apply it as one generation."""
@@ -67,7 +71,8 @@ class Agent:
                 rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir))
                 report = apply_generation(self.node, rules)
             self.cfg = cfg
-            phase("reload", f"generation {report['generation']} live in {report['total_s']}s")
+            phase("reload", f"{cfg.interface}: generation {report['generation']} live in "
+                            f"{report['total_s']}s")
         except FAILURES as e:
             phase("reload", f"refused, nothing changed: {e}")
 
@@ -97,19 +102,93 @@ class Agent:
             self._seen_mtime = 0  # re-read the rule set, and so retry, next time
             phase("expire", f"failed, will retry: {e}")
 
+
+
+class Agent:
+    """Every link of a DC, the TLS front end, and the backbone neighbours."""
+
+    def __init__(self, config_paths: list[str], serve_path: str | None = None) -> None:
+        self.links = [Link(p) for p in config_paths]
+        names = [link.cfg.interface for link in self.links]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"an interface is configured twice: {', '.join(names)}")
+        if len({link.cfg.netns for link in self.links}) > 1:
+            raise ConfigError("all --config files of one agent must name the same netns")
+        self.serve_path = serve_path
+        self.serve_cfg = load_serve_config(serve_path) if serve_path else None
+        self.front: ServerThread | None = None
+        self.steering = next((link.cfg.steering for link in self.links if link.cfg.steering),
+                             None)
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+
+    def start_front(self) -> None:
+        if self.serve_cfg is None:
+            return
+        self.front = run_in_thread(self.serve_cfg)
+        where = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+                          for a, p in self.front.addresses)
+        phase("serve", f"TLS front end of {self.serve_cfg.dc} (region {self.serve_cfg.region}) "
+                       f"on {where}")
+
+    def reload_front(self) -> None:
+        if self.serve_path is None:
+            return
+        try:
+            cfg = load_serve_config(self.serve_path)
+            new = run_in_thread(cfg) if cfg.port == 0 else None
+        except FAILURES as e:
+            phase("reload", f"front end config refused, still serving the old one: {e}")
+            return
+        if new is None:  # a fixed port: the old listener must go first
+            if self.front:
+                self.front.stop()
+            self.serve_cfg = cfg
+            self.start_front()
+        else:
+            old, self.front, self.serve_cfg = self.front, new, cfg
+            if old:
+                old.stop()
+
+    def warm_neighbours(self) -> None:
+        if self.steering is None:
+            return
+        try:
+            probed = neighbours.warm(self.steering)
+        except OSError as e:
+            phase("neighbours", f"could not probe backbone peers: {e}")
+            return
+        if probed:
+            phase("neighbours", f"resolving backbone next hops {', '.join(probed)}")
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
-        self.start()
+        for link in self.links:
+            link.start()
+        self.warm_neighbours()
+        self.start_front()
+        phase("ready", f"{len(self.links)} link(s) protected"
+                       f"{'' if self.front is None else ', front end serving'}")
+        last_warm = time.monotonic()
         while not self.stop.wait(SWEEP_SECONDS):
             if self.reload.is_set():
                 self.reload.clear()
-                self.do_reload()
-            self.sweep()
-        phase("exit", f"leaving {self.cfg.interface} protected: the program stays attached "
-                      "and the maps pinned")
-        self.node.close()
+                for link in self.links:
+                    link.do_reload()
+                self.reload_front()
+            for link in self.links:
+                link.sweep()
+            if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:
+                self.warm_neighbours()
+                last_warm = time.monotonic()
+        if self.front:
+            self.front.stop()
+        for link in self.links:
+            phase("exit", f"leaving {link.cfg.interface} protected: the program stays attached "
+                          "and the maps pinned")
+            link.node.close()
         return 0
 
 
@@ -130,8 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-    r = sub.add_parser("run", help="protect an interface and stay (SIGHUP reloads)")
-    r.add_argument("--config", required=True)
+    r = sub.add_parser("run", help="protect the links and stay (SIGHUP reloads)")
+    r.add_argument("--config", required=True, action="append",
+                   help="a link's node config; repeat for each link of the DC")
+    r.add_argument("--serve", help="the TLS front end's config (agent/l7)")
     c = sub.add_parser("check", help="validate the config; change nothing")
     c.add_argument("--config", required=True)
     d = sub.add_parser("detach", help="remove the program, pins and state of an interface")
@@ -142,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
-            return Agent(args.config).run()
+            return Agent(args.config, args.serve).run()
         if args.cmd == "check":
             return check(args.config)
         found = loader.detach(args.iface, args.bpffs, args.run_dir, args.netns, phase)
