@@ -52,6 +52,17 @@ def gather(node: Node, interval: float = 1.0) -> dict:
             "pps": round((c.packets - first[r].packets) / dt, 1) if interval > 0 else None,
         })
     active = node.active()
+    steering = None
+    if rules.steering:
+        st = rules.steering
+        tunnelled = node.counters("steered")
+        steering = {
+            "dc": st.dc, "region": st.region, "backbone": st.backbone_address,
+            "services": len(st.services),
+            "dcs": [{"dc": d.name, "region": d.region, "enabled": d.enabled,
+                     "tunnelled_packets": tunnelled[i].packets,
+                     "tunnelled_bytes": tunnelled[i].bytes} for i, d in enumerate(st.dcs)],
+        }
     return {
         "interface": node.ifname,
         "generation": active.generation,
@@ -70,6 +81,7 @@ def gather(node: Node, interval: float = 1.0) -> dict:
         "limits": {k: {"pps": v.pps, "burst": v.burst}
                    for k, v in (("syn", rules.limits.syn), ("udp", rules.limits.udp))},
         "counters": counters,
+        "steering": steering,
     }
 
 
@@ -93,6 +105,15 @@ def render(s: dict, all_reasons: bool = False) -> str:
         f"UDP {s['limits']['udp']['pps']}/s burst {s['limits']['udp']['burst']} "
         "(per source; 0 = off)",
         "  L4 rules: " + ("; ".join(s["l4_rules"]) or "none"),
+    ]
+    st = s.get("steering")
+    if st:
+        to = ", ".join(f"{d['dc']} {_num(d['tunnelled_packets'])}" for d in st["dcs"]
+                       if d["tunnelled_packets"])
+        lines.append(f"  steering: dc {st['dc']} (region {st['region']}, backbone "
+                     f"{st['backbone']}), {st['services']} regional IPs; tunnelled to: "
+                     f"{to or 'none yet'}")
+    lines += [
         "",
         f"  {'verdict':<7} {'reason':<14} {'packets':>10} {'bytes':>10} {'pps':>10}",
     ]

@@ -1,0 +1,1 @@
+"""The agent's L7 front end: TLS termination behind the Regional Services guard."""

@@ -1,0 +1,194 @@
+"""The L7 serve config: YAML validated into typed, immutable objects.
+
+    dc: dus                      # this DC's name
+    region: eu                   # this DC's region
+    listen: ["0.0.0.0", "::"]
+    port: 443
+    certs: /etc/privedge/certs   # <zone>.crt (PEM chain) and <zone>.key per zone
+    status_socket: /run/privedge/el-dus/l7.sock
+    unknown_sni: refuse          # or the name of a zone to serve by default
+    zones:
+      - {name: shop-eu, hostnames: [shop.example.eu], region: eu,
+         addresses: [198.51.100.65, "2001:db8:100::65"]}
+      - {name: www, hostnames: [www.example.com], addresses: [198.51.100.10]}
+
+A zone without a region is global. A zone with a region may be inspected
+only by a DC of that region (agent/l7/guard.py enforces it). Errors name the
+file, the path inside it, the value and why, like agent/config.py:
+    serve.yaml: zones[1].hostnames[0]: 'shop.example.eu': already a hostname of zones[0]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated
+
+import yaml
+from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, model_validator
+
+from agent.config import ConfigError, Frozen, _format_errors
+
+__all__ = ["REFUSE", "ConfigError", "ServeConfig", "Zone", "load_serve_config",
+           "normalise_ip", "parse_serve_config"]
+
+# Zone names become file names (<certs>/<zone>.crt) and metric labels, so
+# they are kept to a DNS-label-like alphabet: no dots, no slashes.
+LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+REFUSE = "refuse"
+# Validation context key: parse_serve_config runs the cross-zone checks itself
+# so it can name each problem's path (a model validator can only name the top).
+_DEFER = "privedge_defer_cross_checks"
+
+
+def _name(value: str) -> str:
+    if not LABEL_RE.match(value):
+        raise ValueError(f"{value!r} is not a name (1-63 of a-z 0-9 -, not starting or "
+                         "ending with -)")
+    return value
+
+
+def _hostname(value: str) -> str:
+    """Lowercase DNS name, trailing dot dropped; '*.' may lead (one label)."""
+    host = value.strip().lower().removesuffix(".")
+    labels = host.removeprefix("*.").split(".")
+    if len(host) > 253 or not all(LABEL_RE.match(label) for label in labels):
+        raise ValueError(f"{value!r} is not a hostname (labels of a-z 0-9 -, optionally "
+                         "led by '*.')")
+    return host
+
+
+def normalise_ip(value: str) -> str:
+    """Canonical text of an address; IPv4-mapped IPv6 becomes plain IPv4.
+
+    A dual-stack socket reports an IPv4 peer or local address as
+    ::ffff:a.b.c.d; the guard must see the same text the config holds.
+    A zone suffix (fe80::1%eth0) is dropped: it is not part of the address.
+    """
+    ip = ipaddress.ip_address(str(value).split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _address(value: str) -> str:
+    try:
+        return normalise_ip(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 or IPv6 address") from None
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Hostname = Annotated[str, AfterValidator(_hostname)]
+Address = Annotated[str, AfterValidator(_address)]
+
+
+class Zone(Frozen):
+    """A customer zone as the L7 front end sees it."""
+
+    name: Name
+    hostnames: tuple[Hostname, ...] = Field(min_length=1)
+    region: Name | None = None       # None: global, any DC may inspect it
+    addresses: tuple[Address, ...] = ()  # dedicated IPs (required in practice if regional)
+
+    @property
+    def regional(self) -> bool:
+        return self.region is not None
+
+
+class ServeConfig(Frozen):
+    """One DC's L7 front end: where to listen, which zones, which region."""
+
+    dc: Name
+    region: Name
+    listen: tuple[Address, ...] = Field(default=("0.0.0.0", "::"), min_length=1)
+    port: int = Field(default=443, ge=0, le=65535)  # 0: a free port per listener (tests)
+    certs: str = Field(min_length=1)
+    status_socket: str | None = None
+    unknown_sni: str = REFUSE
+    handshake_timeout: float = Field(default=10.0, gt=0, le=120)
+    idle_timeout: float = Field(default=30.0, gt=0, le=600)
+    zones: tuple[Zone, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> ServeConfig:
+        if info.context and info.context.get(_DEFER):
+            return self
+        problems = cross_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{path}: {value!r}: {why}"
+                                       for path, value, why in problems))
+        return self
+
+    def zone(self, name: str) -> Zone:
+        return next(z for z in self.zones if z.name == name)
+
+    @property
+    def certs_dir(self) -> Path:
+        return Path(self.certs)
+
+
+def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
+    """Checks that span zones: (path, value, why) for each problem found."""
+    problems: list[tuple[str, object, str]] = []
+    names: dict[str, int] = {}
+    hosts: dict[str, int] = {}
+    addrs: dict[str, int] = {}
+    for i, zone in enumerate(cfg.zones):
+        if zone.name == REFUSE:
+            problems.append((f"zones[{i}].name", zone.name,
+                             f"{REFUSE!r} is reserved for unknown_sni"))
+        if zone.name in names:
+            problems.append((f"zones[{i}].name", zone.name,
+                             f"zone names must be unique: already zones[{names[zone.name]}]"))
+        names.setdefault(zone.name, i)
+        for j, host in enumerate(zone.hostnames):
+            if host in hosts:
+                problems.append((f"zones[{i}].hostnames[{j}]", host,
+                                 f"already a hostname of zones[{hosts[host]}]"))
+            hosts.setdefault(host, i)
+        for j, addr in enumerate(zone.addresses):
+            if addr in addrs:
+                problems.append((f"zones[{i}].addresses[{j}]", addr,
+                                 f"already an address of zones[{addrs[addr]}]"))
+            addrs.setdefault(addr, i)
+    seen: set[str] = set()
+    for i, addr in enumerate(cfg.listen):
+        if addr in seen:
+            problems.append((f"listen[{i}]", addr, "listed twice"))
+        seen.add(addr)
+    if cfg.unknown_sni != REFUSE and cfg.unknown_sni not in names:
+        problems.append(("unknown_sni", cfg.unknown_sni,
+                         f"must be {REFUSE!r} or a zone name "
+                         f"(zones: {', '.join(names) or 'none'})"))
+    return problems
+
+
+def parse_serve_config(data: object, source: str = "<serve config>") -> ServeConfig:
+    """Validate a mapping; ConfigError lists every problem, one per line."""
+    try:
+        cfg = ServeConfig.model_validate(data, context={_DEFER: True})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e, data)) from None
+    problems = cross_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {path}: {value!r}: {why}"
+                                    for path, value, why in problems))
+    return cfg
+
+
+def load_serve_config(path: str | Path) -> ServeConfig:
+    """Read and validate a serve config file; ConfigError says what and where."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    return parse_serve_config(data, str(p))

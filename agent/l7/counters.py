@@ -1,0 +1,88 @@
+"""The L7 front end's counters: the only thing it keeps about connections.
+
+Labels come from closed sets (enums, TLS versions, the config's zone
+names), never from what a client sent, so a counter cannot carry an
+address, a hostname typed by a user, or a URL. A value outside the set is
+a programming error (Refusal, RequestError) or folds into "other" (TLS
+version). One lock: increments come from the event loop thread, snapshots
+from the status socket or another thread (the daemon's metrics).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Iterable
+
+TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
+OTHER = "other"
+
+
+class Refusal(enum.StrEnum):
+    """Why a connection was refused; values shared with guard.Reason."""
+
+    REGION_ADDRESS = "region_address"   # accept: dedicated IP of a foreign-region zone
+    REGION_SNI = "region_sni"           # ClientHello: SNI of a foreign-region zone
+    UNKNOWN_SNI = "unknown_sni"         # ClientHello: no zone and no default zone
+    HANDSHAKE_ERROR = "handshake_error"  # TLS failed or timed out for another reason
+    MISDIRECTED = "misdirected"         # Host header names another zone than the SNI
+
+
+class RequestError(enum.StrEnum):
+    """Why a request head was not answered with 200."""
+
+    TIMEOUT = "timeout"          # no complete head within the idle timeout
+    TOO_LARGE = "too_large"      # head over the size bound
+    MALFORMED = "malformed"      # not a strict HTTP/1.x request head
+    CLOSED = "closed"            # client closed before a complete head
+
+
+class Counters:
+    """Monotonic counters with closed label sets; thread-safe."""
+
+    def __init__(self, zones: Iterable[str]) -> None:
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._refused = dict.fromkeys(Refusal, 0)
+        self._request_errors = dict.fromkeys(RequestError, 0)
+        self._requests = dict.fromkeys(zones, 0)
+        self._handshakes = dict.fromkeys((*TLS_VERSIONS, OTHER), 0)
+
+    def accepted(self) -> None:
+        """A TCP connection was accepted (refused ones included)."""
+        with self._lock:
+            self._accepted += 1
+
+    def refused(self, reason: Refusal | str) -> None:
+        key = Refusal(reason)  # ValueError for a reason outside the set
+        with self._lock:
+            self._refused[key] += 1
+
+    def handshake(self, version: str | None) -> None:
+        """A TLS handshake completed with `version` (ssl.SSLObject.version())."""
+        key = version if version in TLS_VERSIONS else OTHER
+        with self._lock:
+            self._handshakes[key] += 1
+
+    def served(self, zone: str) -> None:
+        """A request of `zone` was answered; zone names come from the config."""
+        with self._lock:
+            if zone not in self._requests:
+                raise KeyError(f"{zone!r} is not a zone of this config")
+            self._requests[zone] += 1
+
+    def request_error(self, error: RequestError | str) -> None:
+        key = RequestError(error)
+        with self._lock:
+            self._request_errors[key] += 1
+
+    def snapshot(self) -> dict[str, object]:
+        """A consistent copy, zeros included, ready for json.dumps."""
+        with self._lock:
+            return {
+                "connections_accepted": self._accepted,
+                "refused": {str(k): v for k, v in self._refused.items()},
+                "handshakes": dict(self._handshakes),
+                "requests": dict(self._requests),
+                "request_errors": {str(k): v for k, v in self._request_errors.items()},
+            }

@@ -1,0 +1,619 @@
+"""The L7 front end: TCP accept → regional guard → TLS → one HTTP/1.1 request.
+
+    python -m agent.l7.server --config serve.yaml           serve until SIGTERM/SIGINT
+    python -m agent.l7.server --config serve.yaml --check   load config and certs; serve nothing
+
+Per connection, each step learns only what the guard has allowed so far:
+
+  1 accept      raw TCP; nothing is read. The local address the client dialled
+                goes to Guard.by_address: a foreign region's dedicated IP is
+                closed at once (RST), not one TLS byte sent or read.
+  2 TLS         the ClientHello's SNI goes to Guard.by_sni inside OpenSSL's
+                servername callback, before a certificate is chosen: refuse
+                aborts the handshake; serve switches to that zone's context.
+  3 request     one request head (16 KiB, idle timeout); its Host must name
+                the TLS zone (Guard.by_host), else 421. The answer is a small
+                JSON document naming DC, zone and a request id.
+
+Privacy: nothing about a client or a request is logged or kept, only the
+counters of agent/l7/counters.py (zone names and enums as labels). The
+request target is checked for syntax and dropped.
+
+The daemon runs it beside its own loop with `run_in_thread(cfg)`; the handle's
+`.stop()` closes listeners and connections and removes the status socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import ssl
+import stat
+import struct
+import sys
+import threading
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normalise_ip
+from agent.l7.counters import Counters, Refusal, RequestError
+from agent.l7.guard import Guard, Reason
+
+log = logging.getLogger("privedge.l7")
+
+HEAD_MAX = 16 * 1024          # request line + headers, CRLFs included
+LISTEN_BACKLOG = 1024
+SHUTDOWN_TIMEOUT = 5.0        # TLS close_notify exchange and final writes
+STATUS_TIMEOUT = 2.0
+ACCEPT_BACKOFF = 0.1          # after EMFILE and friends, instead of spinning
+TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secret AEAD only
+# Keys readable by group or others are refused, as ssh does for its keys.
+KEY_MODE_FORBIDDEN = 0o077
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says what and what to do."""
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class BadRequest(ValueError):
+    """The request head is not a strict HTTP/1.x head."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """What the front end keeps of a request: no target, no header but Host."""
+
+    method: str
+    version: str
+    host: str | None
+
+
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
+
+
+def parse_request_head(data: bytes) -> RequestHead:
+    """Parse a request head ending in CRLF CRLF, strictly (RFC 9112).
+
+    Strict because lenient parsers disagree with each other, and that gap
+    is where request smuggling lives: bare CR or LF, obsolete line folding,
+    whitespace before a colon, a missing or repeated Host are all refused.
+    """
+    if len(data) > HEAD_MAX:
+        raise BadRequest("head too large")
+    if not data.endswith(b"\r\n\r\n"):
+        raise BadRequest("incomplete head")
+    lines = data[:-4].split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line or b"\0" in line for line in lines):
+        raise BadRequest("bare CR, LF or NUL")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3:
+        raise BadRequest("request line is not: method SP target SP version")
+    method, target, version = parts
+    if not _TOKEN.match(method):
+        raise BadRequest("method is not a token")
+    if not target or any(c <= 0x20 or c == 0x7F for c in target):
+        raise BadRequest("bad request target")
+    if version not in _VERSIONS:
+        raise BadRequest("unsupported HTTP version")
+    hosts: list[bytes] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        # A leading space or tab (obs-fold) or one before the colon fails here.
+        if not colon or not _TOKEN.match(name):
+            raise BadRequest("malformed header line")
+        value = value.strip(b" \t")
+        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
+            raise BadRequest("control character in a header value")
+        if name.lower() == b"host":
+            hosts.append(value)
+    if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
+        raise BadRequest("HTTP/1.1 needs exactly one Host header")
+    host = hosts[0].decode("latin-1") if hosts else None
+    return RequestHead(method.decode("ascii"), version.decode("ascii"), host)
+
+
+def http_response(status: int, reason: str, body: bytes, headers: Iterable[tuple[str, str]] = (),
+                  *, content_type: str = "text/plain; charset=utf-8",
+                  head_only: bool = False) -> bytes:
+    """A complete HTTP/1.1 response; the connection always closes after it."""
+    lines = [f"HTTP/1.1 {status} {reason}",
+             f"Content-Type: {content_type}",
+             f"Content-Length: {len(body)}",
+             "Cache-Control: no-store",
+             *(f"{k}: {v}" for k, v in headers),
+             "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A server context with this project's TLS settings, and a chain if given.
+
+    The front context (no chain) and each zone's context share settings:
+    version and cipher choices stay with the context a handshake starts on,
+    while the certificate and ALPN come from the one the SNI callback picks.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are all AEAD and stay default
+    ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+                    | ssl.OP_CIPHER_SERVER_PREFERENCE)
+    # No session tickets for now: their keys would have to be shared and
+    # rotated across processes and DCs; without them no resumption secret
+    # outlives a connection.
+    ctx.options |= ssl.OP_NO_TICKET
+    ctx.num_tickets = 0
+    ctx.set_alpn_protocols(["http/1.1"])
+    if cert is not None:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def load_zone_contexts(certs: Path, zones: Iterable[str]) -> dict[str, ssl.SSLContext]:
+    """One context per zone from <certs>/<zone>.crt and .key; every problem listed.
+
+    Only zones this DC may serve are asked for: a foreign region's key is
+    never needed here, so it need not (and should not) be on this host.
+    """
+    contexts: dict[str, ssl.SSLContext] = {}
+    problems: list[str] = []
+    for zone in zones:
+        crt, key = certs / f"{zone}.crt", certs / f"{zone}.key"
+        try:
+            missing = [p.name for p in (crt, key) if not p.is_file()]
+            if missing:
+                problems.append(f"zone {zone}: {certs}: {' and '.join(missing)} missing "
+                                f"(a PEM chain in {zone}.crt, its key in {zone}.key)")
+                continue
+            mode = stat.S_IMODE(key.stat().st_mode)
+            if mode & KEY_MODE_FORBIDDEN:
+                problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read the "
+                                f"private key; chmod 600 {key}")
+                continue
+            contexts[zone] = tls_context(crt, key)
+        except ssl.SSLError as e:
+            problems.append(f"zone {zone}: {crt}, {key}: not a PEM chain and its key "
+                            f"({e.reason or e})")
+        except OSError as e:
+            problems.append(f"zone {zone}: {e.filename or certs}: cannot read ({e.strerror})")
+    if problems:
+        raise ServeError("\n".join(problems))
+    return contexts
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def _listener(address: str, port: int) -> socket.socket:
+    """A listening TCP socket; IPv6 ones are v6-only so :: and 0.0.0.0 coexist.
+
+    A wildcard bind accepts connections to every address the host owns,
+    including those only covered by a local route (anycast prefixes on lo).
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        raise ServeError(f"cannot listen on [{address}]:{port}: {e.strerror}") from None
+    return sock
+
+
+def _unix_listener(path: Path) -> socket.socket:
+    """A 0600 unix socket at `path`; a stale socket file is replaced.
+
+    The mode is set between bind and listen: until listen() nobody can
+    connect, so there is no moment where the socket is open to all.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise ServeError(f"{path}: exists and is not a socket; remove it or choose "
+                                 "another status_socket")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            probe.settimeout(0.5)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # nobody answers: left over from a crash
+            else:
+                raise ServeError(f"{path}: another server answers there; stop it first")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            sock.listen(16)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    except OSError as e:
+        raise ServeError(f"{path}: cannot create the status socket ({e.strerror})") from None
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST: a refusal, and no TIME_WAIT left behind."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Log the event loop's stray errors without the context objects, which
+    may describe a connection; message and exception type are enough."""
+    exc = context.get("exception")
+    log.warning("event loop: %s%s", context.get("message", "error"),
+                f" ({type(exc).__name__})" if exc else "")
+
+
+# --------------------------------------------------------------------------- server
+
+
+class L7Server:
+    """The asyncio front end for one ServeConfig; the only I/O of agent/l7."""
+
+    def __init__(self, cfg: ServeConfig, counters: Counters | None = None) -> None:
+        """Build the guard and load the certificates; ServeError lists problems."""
+        self.cfg = cfg
+        self.guard = Guard(cfg)
+        self.counters = counters or Counters(z.name for z in cfg.zones)
+        self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable)
+        self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
+        self._front = tls_context()
+        self._front.sni_callback = self._on_sni
+        self._listeners: list[socket.socket] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self._connections: set[asyncio.Task[None]] = set()
+        self._status: asyncio.AbstractServer | None = None
+        self._status_path = Path(cfg.status_socket) if cfg.status_socket else None
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of each listener, with the port actually bound."""
+        return [s.getsockname()[:2] for s in self._listeners]
+
+    async def start(self) -> None:
+        """Bind every listener and the status socket, then accept."""
+        loop = asyncio.get_running_loop()
+        if loop.get_exception_handler() is None:
+            loop.set_exception_handler(_quiet_exception_handler)
+        try:
+            for address in self.cfg.listen:
+                self._listeners.append(_listener(address, self.cfg.port))
+            if self._status_path is not None:
+                status_sock = _unix_listener(self._status_path)
+                try:
+                    self._status = await asyncio.start_unix_server(self._serve_status,
+                                                                   sock=status_sock)
+                except BaseException:
+                    status_sock.close()
+                    self._status_path.unlink(missing_ok=True)
+                    raise
+        except BaseException:
+            await self.stop()
+            raise
+        self._accept_tasks = [asyncio.create_task(self._accept(s)) for s in self._listeners]
+        log.info("dc %s region %s: serving %s on %s", self.cfg.dc, self.cfg.region,
+                 ", ".join(self.guard.servable),
+                 ", ".join(f"[{a}]:{p}" for a, p in self.addresses))
+
+    async def stop(self) -> None:
+        """Stop accepting, end open connections, remove the status socket."""
+        for task in self._accept_tasks:
+            task.cancel()
+        await asyncio.gather(*self._accept_tasks, return_exceptions=True)
+        self._accept_tasks = []
+        for sock in self._listeners:
+            sock.close()
+        self._listeners = []
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._status is not None:
+            self._status.close()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._status.wait_closed(), STATUS_TIMEOUT)
+            self._status = None
+            with contextlib.suppress(FileNotFoundError):
+                self._status_path.unlink()
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _peer = await loop.sock_accept(listener)  # the peer is never used
+            except OSError as e:
+                log.warning("accept failed: %s", e.strerror)
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            task = asyncio.create_task(self._connection(conn))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def _on_sni(self, ssl_obj: ssl.SSLObject, server_name: str | None,
+                _ctx: ssl.SSLContext) -> int | None:
+        """OpenSSL's servername callback: choose the zone's context or abort.
+
+        Called for every ClientHello, with None when it has no SNI. The
+        refusal is counted here, where its reason is known; the handshake
+        then fails with CALLBACK_FAILED, which _handshake does not recount.
+        """
+        try:
+            decision = self.guard.by_sni(server_name)
+            if not decision.serve:
+                self.counters.refused(Refusal(decision.reason))
+                if decision.reason is Reason.UNKNOWN_SNI:
+                    return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+                return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
+            ssl_obj.context = self._contexts[decision.zone]
+            return None
+        except Exception:  # never let a bug continue the handshake on the front context
+            log.exception("SNI callback failed")
+            self.counters.refused(Refusal.HANDSHAKE_ERROR)
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+
+    async def _connection(self, conn: socket.socket) -> None:
+        self.counters.accepted()
+        try:
+            local = normalise_ip(conn.getsockname()[0])
+        except (OSError, ValueError):  # reset before we looked: nothing to serve
+            self.counters.refused(Refusal.HANDSHAKE_ERROR)
+            _reset(conn)
+            return
+        if not self.guard.by_address(local).serve:
+            self.counters.refused(Refusal.REGION_ADDRESS)
+            _reset(conn)
+            return
+        streams = await self._handshake(conn)
+        if streams is None:
+            return
+        reader, writer, zone = streams
+        try:
+            await self._exchange(reader, writer, zone)
+            writer.close()  # TLS close_notify, then FIN
+            await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
+        except asyncio.CancelledError:
+            writer.transport.abort()  # the server is stopping: no goodbye
+            raise
+        except OSError:  # the client went away or lingered (TimeoutError is one)
+            writer.transport.abort()
+
+    async def _handshake(self, conn: socket.socket
+                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | None:
+        """TLS on the accepted socket; the SNI callback has picked the zone."""
+        loop = asyncio.get_running_loop()
+        timeout = self.cfg.handshake_timeout
+        # The limit bounds readuntil's search: a head longer than HEAD_MAX
+        # raises LimitOverrunError instead of growing the buffer.
+        reader = asyncio.StreamReader(limit=HEAD_MAX - 4)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await asyncio.wait_for(
+                loop.connect_accepted_socket(
+                    lambda: protocol, conn, ssl=self._front, ssl_handshake_timeout=timeout,
+                    ssl_shutdown_timeout=SHUTDOWN_TIMEOUT),
+                timeout + 1)
+        except ssl.SSLError as e:
+            if e.reason != "CALLBACK_FAILED":  # else counted by _on_sni with its reason
+                self.counters.refused(Refusal.HANDSHAKE_ERROR)
+            conn.close()
+            return None
+        except (OSError, TimeoutError, EOFError):
+            self.counters.refused(Refusal.HANDSHAKE_ERROR)
+            conn.close()
+            return None
+        ssl_obj = transport.get_extra_info("ssl_object")
+        zone = self._zone_of.get(ssl_obj.context) if ssl_obj is not None else None
+        if zone is None:  # cannot happen while _on_sni switches or refuses; fail closed
+            self.counters.refused(Refusal.HANDSHAKE_ERROR)
+            transport.abort()
+            return None
+        self.counters.handshake(ssl_obj.version())
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return reader, writer, zone
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        zone: str) -> None:
+        """Read one request head and answer it; the connection then closes."""
+        answer: bytes | None
+        try:
+            data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
+                                          self.cfg.idle_timeout)
+            head = parse_request_head(data)
+            del data  # the target and other headers go no further than here
+        except TimeoutError:
+            self.counters.request_error(RequestError.TIMEOUT)
+            answer = http_response(408, "Request Timeout", b"request timeout\n")
+        except asyncio.LimitOverrunError:
+            self.counters.request_error(RequestError.TOO_LARGE)
+            answer = http_response(431, "Request Header Fields Too Large",
+                                   b"request head too large\n")
+        except BadRequest:
+            self.counters.request_error(RequestError.MALFORMED)
+            answer = http_response(400, "Bad Request", b"bad request\n")
+        except (asyncio.IncompleteReadError, OSError, ssl.SSLError):
+            self.counters.request_error(RequestError.CLOSED)
+            answer = None
+        else:
+            answer = self._answer(head, zone)
+        if answer is not None:
+            writer.write(answer)
+            await asyncio.wait_for(writer.drain(), self.cfg.idle_timeout)
+
+    def _answer(self, head: RequestHead, zone: str) -> bytes:
+        head_only = head.method == "HEAD"
+        if not self.guard.by_host(head.host, zone).serve:
+            self.counters.refused(Refusal.MISDIRECTED)
+            return http_response(421, "Misdirected Request",
+                                 b"this connection does not serve that host\n",
+                                 head_only=head_only)
+        body = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region, "zone": zone,
+                           "request_id": uuid.uuid4().hex}).encode() + b"\n"
+        self.counters.served(zone)
+        return http_response(200, "OK", body,
+                             [("X-Privedge-DC", self.cfg.dc), ("X-Privedge-Zone", zone)],
+                             content_type="application/json", head_only=head_only)
+
+    async def _serve_status(self, _reader: asyncio.StreamReader,
+                            writer: asyncio.StreamWriter) -> None:
+        """One JSON line of counters, then close."""
+        line = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region,
+                           **self.counters.snapshot()}, sort_keys=True) + "\n"
+        try:
+            writer.write(line.encode())
+            await asyncio.wait_for(writer.drain(), STATUS_TIMEOUT)
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), STATUS_TIMEOUT)
+
+
+# --------------------------------------------------------------------------- thread
+
+
+class ServerThread:
+    """An L7Server on its own event loop in a daemon thread.
+
+    For the synchronous agent daemon: `handle = run_in_thread(cfg)` returns
+    once the server listens (or raises ServeError), `handle.stop()` ends it.
+    """
+
+    def __init__(self, cfg: ServeConfig, counters: Counters | None = None) -> None:
+        self.server = L7Server(cfg, counters)  # certificate problems raise here, in the caller
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name=f"privedge-l7-{cfg.dc}",
+                                        daemon=True)
+
+    @property
+    def counters(self) -> Counters:
+        return self.server.counters
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return self.server.addresses
+
+    def start(self, timeout: float = 10.0) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise ServeError(f"the L7 server did not start within {timeout:g}s")
+        if self._error is not None:
+            self._thread.join(timeout)
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the server and join the thread; False if it did not end in time."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stopping.set)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_quiet_exception_handler)
+        self._stopping = asyncio.Event()
+        try:
+            await self.server.start()
+        except BaseException as e:  # handed to the thread that called start()
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.server.stop()
+
+
+def run_in_thread(cfg: ServeConfig, counters: Counters | None = None,
+                  timeout: float = 10.0) -> ServerThread:
+    """Start an L7Server in a thread; returns once it listens. Stop with .stop()."""
+    return ServerThread(cfg, counters).start(timeout)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _phase(name: str, detail: str) -> None:
+    print(f"privedge-l7: [{name}] {detail}", flush=True)
+
+
+async def _serve_until_signal(server: L7Server) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    _phase("listen", ", ".join(f"[{a}]:{p}" for a, p in server.addresses)
+           + (f"; status {server.cfg.status_socket}" if server.cfg.status_socket else ""))
+    _phase("ready", f"dc {server.cfg.dc} region {server.cfg.region}, serving "
+                    f"{', '.join(server.guard.servable) or 'no zone'}")
+    await stop.wait()
+    await server.stop()
+    _phase("exit", "listeners closed, status socket removed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m agent.l7.server",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--config", required=True, help="serve config YAML")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and load the certificates; serve nothing")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="privedge-l7: %(message)s")
+    try:
+        cfg = load_serve_config(args.config)
+        _phase("config", f"{args.config}: {len(cfg.zones)} zones")
+        server = L7Server(cfg)
+        _phase("certs", f"{len(server.guard.servable)} zone certificates loaded from "
+                        f"{cfg.certs}")
+        if args.check:
+            print(f"{args.config}: valid; nothing was started")
+            return 0
+        asyncio.run(_serve_until_signal(server))
+        return 0
+    except (ConfigError, ServeError) as e:
+        print(f"privedge-l7: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The agent configs of a lab DC, generated from the topology.
+
+Pure functions returning plain dicts (what goes into the YAML files), so
+they are tested without root. Each DC gets one node config per link (the
+public edge and the backbone, both carrying the same `steering` section)
+and one `serve` config for the L7 side:
+
+    <state>/<dc>/inet0.yaml   role public:   bogon filter, denylist, steering
+    <state>/<dc>/bb0.yaml     role backbone: decapsulation, steering
+    <state>/<dc>/serve.yaml   TLS listener: zones, certificates, status socket
+
+The namespace lab (lab/cluster.py) and the VMs (`python -m lab generate`)
+both call `dc_configs`; only interface names and paths differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lab.topology import Topology, Zone
+from lab.twons import LAB_BOGONS
+
+DENY4_EXACT = 65536         # the lab's denylist is tiny: small maps load fast
+
+
+@dataclass(frozen=True)
+class DcPaths:
+    """Where one DC's agent keeps its state, and its interface names."""
+
+    ifnames: dict[str, str]          # segment -> interface name
+    netns: str | None                # None: the agent runs in the host's own network
+    bpffs: str
+    run_dir: str
+    certs: str
+    status_socket: str
+
+
+def lab_paths(dc: str, prefix: str, state_dir: Path, topology: Topology) -> DcPaths:
+    """Paths of a DC in the namespace lab (interfaces named <segment>0)."""
+    d = state_dir / dc
+    return DcPaths(ifnames={s.name: s.ifname for s in topology.segments}, netns=f"{prefix}{dc}",
+                   bpffs=f"/sys/fs/bpf/privedge-{prefix}{dc}", run_dir=str(d / "run"),
+                   certs=str(state_dir / "pki"), status_socket=str(d / "l7.sock"))
+
+
+def steering(topology: Topology, dc: str, backbone_ifname: str) -> dict:
+    """The steering section: who this DC is, every DC, every dedicated IP."""
+    me = topology.dc(dc)
+    bb = topology.backbone.name
+    return {
+        "dc": me.name,
+        "region": me.region,
+        "backbone_interface": backbone_ifname,
+        "backbone_address": str(me.link(bb).v4),
+        "dcs": [{"name": d.name, "region": d.region, "backbone": str(d.link(bb).v4)}
+                for d in topology.dcs],
+        "services": [{"address": str(s.address), "region": s.region, "zone": s.zone}
+                     for s in topology.services()],
+    }
+
+
+def link_config(topology: Topology, dc: str, segment: str, paths: DcPaths) -> dict:
+    """The node config (agent/config.py) of one DC link."""
+    seg = topology.segment(segment)
+    topology.dc(dc)
+    cfg: dict = {
+        "interface": paths.ifnames[seg.name],
+        "role": seg.role,
+    }
+    if paths.netns is not None:
+        cfg["netns"] = paths.netns
+    cfg.update({
+        "bpffs": paths.bpffs,
+        "run_dir": paths.run_dir,
+        "bogons": list(LAB_BOGONS),
+        "deny": {"prefixes": list(topology.deny)},
+        "capacity": {"maglev_slots": topology.maglev_slots, "deny4_exact": DENY4_EXACT},
+        "steering": steering(topology, dc, paths.ifnames[topology.backbone.name]),
+    })
+    return cfg
+
+
+def _zone(z: Zone) -> dict:
+    out: dict = {"name": z.name, "hostnames": list(z.hostnames)}
+    if z.region is not None:
+        out["region"] = z.region
+    out["addresses"] = [str(a) for a in z.addresses]
+    return out
+
+
+def serve_config(topology: Topology, dc: str, paths: DcPaths, port: int = 443) -> dict:
+    """The L7 listener of a DC: every zone; the agent's regional guard decides."""
+    me = topology.dc(dc)
+    return {
+        "dc": me.name,
+        "region": me.region,
+        "listen": ["0.0.0.0", "::"],
+        "port": port,
+        "certs": paths.certs,
+        "status_socket": paths.status_socket,
+        "unknown_sni": "refuse",
+        "zones": [_zone(z) for z in topology.zones],
+    }
+
+
+def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
+    """File name -> content: one node config per link, named after the
+    namespace lab's interface (inet0.yaml, bb0.yaml), then serve.yaml."""
+    out = {f"{seg.ifname}.yaml": link_config(topology, dc, seg.name, paths)
+           for seg in (topology.public, topology.backbone)}
+    out["serve.yaml"] = serve_config(topology, dc, paths)
+    return out
+
+
+def pki_zones(topology: Topology) -> dict[str, list[str]]:
+    """Zone name -> host names, what lab.certs.make_lab_pki issues certificates for."""
+    return {z.name: list(z.hostnames) for z in topology.zones}
+
+
+def pki_missing(topology: Topology, certs: Path) -> bool:
+    """True if the CA or a zone's certificate is not in `certs` yet
+    (make_lab_pki then issues them, reusing a CA that is there)."""
+    names = ["ca.crt", *(f"{z}.crt" for z in pki_zones(topology))]
+    return not all((certs / n).exists() for n in names)
+
+
+def render(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def write_configs(directory: Path, configs: dict[str, dict]) -> list[str]:
+    """Write the files that differ; return the names written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, cfg in configs.items():
+        path = directory / name
+        text = render(cfg)
+        if not path.exists() or path.read_text() != text:
+            tmp = path.with_suffix(path.suffix + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
+            written.append(name)
+    return written
