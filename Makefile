@@ -3,7 +3,8 @@ VENV ?= $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup test test-unit test-bpf test-integration lint demo bench-xdp clean
+.PHONY: setup test test-unit test-bpf test-integration lint demo lab-up lab-down lab-status \
+	bench-xdp bench-steer clean
 
 setup:
 	bash scripts/setup.sh
@@ -26,8 +27,20 @@ test-integration:
 demo: setup
 	$(PY) -m lab.demo
 
+lab-up: setup
+	$(PY) -m lab up
+
+lab-down:
+	$(PY) -m lab down
+
+lab-status:
+	$(PY) -m lab status
+
 bench-xdp: setup
 	$(PY) -m bench.xdp
+
+bench-steer: setup
+	$(PY) -m bench.steer
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -419,11 +419,28 @@ class TestRun:
     duration_ns: int  # mean per repetition, as the kernel reports it
 
 
+class XdpMd(ctypes.Structure):
+    """struct xdp_md as a test run's context: says which device received it."""
+
+    _fields_ = (
+        ("data", ctypes.c_uint32),
+        ("data_end", ctypes.c_uint32),
+        ("data_meta", ctypes.c_uint32),
+        ("ingress_ifindex", ctypes.c_uint32),
+        ("rx_queue_index", ctypes.c_uint32),
+        ("egress_ifindex", ctypes.c_uint32),
+    )
+
+
 def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, flags: int = 0,
-                  cpu: int = 0, batch_size: int = 0, out_size: int = 0) -> TestRun:
+                  cpu: int = 0, batch_size: int = 0, out_size: int = 0,
+                  ingress_ifindex: int = 0) -> TestRun:
     """Run a program on `data` with BPF_PROG_TEST_RUN.
 
-    Frames under 14 bytes make the kernel answer EINVAL for XDP; we say so.
+    `ingress_ifindex` makes the frame arrive on that device of the caller's
+    namespace (with live frames, XDP_TX then sends out of it); otherwise
+    it arrives on loopback. Frames under 14 bytes make the kernel answer
+    EINVAL for XDP; we say so.
     """
     data_in = ctypes.create_string_buffer(data, len(data))
     out_len = out_size or len(data) + 512
@@ -437,6 +454,10 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, flags: int = 0,
     if not flags & BPF_F_TEST_XDP_LIVE_FRAMES:
         opts.data_out = ctypes.cast(data_out, ctypes.c_void_p)
         opts.data_size_out = out_len
+    ctx = XdpMd(data_end=len(data), ingress_ifindex=ingress_ifindex)
+    if ingress_ifindex:
+        opts.ctx_in = ctypes.cast(ctypes.pointer(ctx), ctypes.c_void_p)
+        opts.ctx_size_in = ctypes.sizeof(ctx)
     detail = "XDP frames must be at least 14 bytes" if len(data) < 14 else ""
     _check("test run", _lib().bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), detail)
     return TestRun(opts.retval, data_out.raw[: opts.data_size_out], opts.duration)

@@ -6,9 +6,12 @@ Pure numpy, no kernel. The shapes come from bpf/include/pe_abi.h:
           backbone links), region index, backbone address and ifindex
   dcs     DC number -> backbone address and region
   svc4/6  Regional Services dedicated IP -> region index
-  maglev  per region, `slots` one-byte DC numbers (agent/maglev.py):
-          only the region's enabled DCs; EMPTY when it has none; packed
-          8 to a u64 map value (array values are 8-byte aligned)
+  maglev  per region, `slots` one-byte DC numbers: the Maglev table of
+          every DC of the region (agent/maglev.py), with the slots of
+          drained DCs (enabled: false) handed to the others (drain()), so
+          draining a DC moves only its own flows and enabling it again
+          brings back the very same table; EMPTY when no DC is enabled;
+          packed 8 to a u64 map value (array values are 8-byte aligned)
 
 Region indices are the sorted region names; DC numbers are positions in
 the config's DC list. Both are private to one generation of one node.
@@ -45,15 +48,56 @@ def _v4(text: str) -> int:
     return int(ipaddress.IPv4Address(text))
 
 
+def drain(table: np.ndarray, names: list[str], enabled: list[bool], size: int) -> np.ndarray:
+    """Hand the slots of disabled names to the enabled ones, moving nothing else.
+
+    `table` is maglev.build(names, size). The enabled names take turns, in
+    name order, each claiming the first slot of its own Maglev preference
+    list that was vacated and is still unclaimed, until none is left: the
+    vacated slots are shared evenly and every other slot keeps its owner.
+    A function of (names, enabled), so re-enabling restores `table`.
+    """
+    alive = sorted((i for i in range(len(names)) if enabled[i]), key=names.__getitem__)
+    if not alive:
+        return np.full(size, maglev.EMPTY, np.uint32)
+    vacated = ~np.asarray(enabled, bool)[table]
+    if not vacated.any():
+        return table
+    out = table.copy()
+    j = np.arange(size, dtype=np.int64)
+    prefs = []
+    for i in alive:
+        offset, skip = maglev.permutation_params(names[i], size)
+        perm = (offset + j * skip) % size
+        prefs.append(perm[vacated[perm]].tolist())  # vacated slots, most preferred first
+    claimed = np.zeros(size, bool)
+    left = int(vacated.sum())
+    pos = [0] * len(alive)
+    while left:
+        for k, i in enumerate(alive):
+            pref, p = prefs[k], pos[k]
+            while claimed[pref[p]]:
+                p += 1
+            claimed[pref[p]] = True
+            out[pref[p]] = i
+            pos[k] = p + 1
+            left -= 1
+            if not left:
+                break
+    return out
+
+
 def region_tables(cfg: Steering, slots: int) -> dict[str, np.ndarray]:
-    """Each region's Maglev table of DC numbers (enabled DCs only)."""
+    """Each region's table of DC numbers (drained DCs hold no slot)."""
     out = {}
     for region in cfg.regions:
-        members = [i for i, d in enumerate(cfg.dcs) if d.region == region and d.enabled]
-        if not members:
+        members = [i for i, d in enumerate(cfg.dcs) if d.region == region]
+        if not any(cfg.dcs[i].enabled for i in members):
             out[region] = np.full(slots, abi.MAGLEV_EMPTY, np.uint8)
             continue
-        table = maglev.build([cfg.dcs[i].name for i in members], slots)
+        names = [cfg.dcs[i].name for i in members]
+        table = drain(maglev.build(names, slots), names,
+                      [cfg.dcs[i].enabled for i in members], slots)
         out[region] = np.array(members, np.uint8)[table]
     return out
 

@@ -8,6 +8,7 @@ requests, one JSON object per line on stdin: {"mode": 1, "entries":
 program with BPF_PROG_TEST_RUN live frames (every repetition writes a
 source into the frame and redirects it out of the veth) and answers one
 JSON line. Bounded by each request's count; exits at end of input.
+A request may name the frame's destination ("dst", default 198.18.0.1).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         v.mode, v.entries, v.ifindex = req["mode"], max(req["entries"], 1), a.ifindex
         cfg[ctypes.c_int(0)] = v
         f = raw(Ether(src="02:00:00:00:00:01", dst=a.dst_mac) /
-                IP(src=req.get("src", "198.18.7.7"), dst="198.18.0.1") /
+                IP(src=req.get("src", "198.18.7.7"), dst=req.get("dst", "198.18.0.1")) /
                 TCP(sport=40000, dport=443, flags="A"))
         f += b"\x00" * (64 - len(f))  # the 64-byte frames of every pps figure
         count = min(int(req["count"]), MAX_COUNT)

@@ -10,6 +10,7 @@ bpffs the agent pins into (`ip netns exec` would remount /sys).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 from pyroute2 import NetNS, netns
 
 ROOT = Path(__file__).resolve().parents[1]
+CLONE_NEWNET = 0x40000000
 PYTHON = sys.executable
 
 
@@ -113,3 +115,29 @@ def namespaces(*names: str) -> Iterator[None]:
     finally:
         for n in names:
             delete(n)
+
+
+@contextlib.contextmanager
+def inside_netns(name: str) -> Iterator[None]:
+    """Run this thread in network namespace `name`, then come back.
+
+    BPF_PROG_TEST_RUN judges an XDP frame as received by the loopback of
+    the caller's namespace, so bpf_fib_lookup() sees that namespace's routes
+    and neighbours: steering tests build a backbone there, never on the host.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    target = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
+        try:
+            yield
+        finally:
+            if libc.setns(home, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns back to the test's namespace failed")
+    finally:
+        os.close(target)
+        os.close(home)
+
+

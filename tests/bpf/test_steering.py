@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from pyroute2 import NetNS
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
@@ -34,15 +33,15 @@ from agent.flowhash import flow_hash
 from agent.libbpf import XdpAction
 from agent.rules import ruleset_from_config
 from agent.steering import region_tables
-from lab import netns
-from tests.harness import EdgeUnderTest, inside_netns
+from lab import fibrig, netns
+from lab.netns import inside_netns
+from tests.harness import EdgeUnderTest
 
 R = Reason
 SLOTS = 251
 NS = f"pe{os.getpid()}st"
 CLIENT_MAC, EDGE_MAC = "02:00:00:00:01:01", "02:00:00:00:01:02"
-NEIGH = {"198.18.0.1": "02:00:00:00:bb:01", "198.18.0.2": "02:00:00:00:bb:02",
-         "198.18.0.8": "02:00:00:00:bb:08"}
+NEIGH = fibrig.NEIGHBOURS
 CLIENT4, CLIENT6 = "203.0.113.10", "2001:db8:113::10"
 DENIED4 = "203.0.113.66"
 EU4, EU6 = "198.51.100.65", "2001:db8:100::65"
@@ -94,26 +93,10 @@ class Rig:
         return DCS[n]["backbone"]
 
 
-def _backbone(name: str) -> tuple[str, int]:
-    netns.create(name)
-    netns.disable_ipv6(name)
-    netns.veth(name, "bb0", name, "bbpeer")
-    netns.address(name, "bb0", "198.18.0.3/24")
-    with NetNS(name) as ns:
-        idx = ns.link_lookup(ifname="bb0")[0]
-        ns.link("set", index=idx, mtu=1600)
-        for ip, mac in NEIGH.items():
-            ns.neigh("replace", dst=ip, lladdr=mac, ifindex=idx, state="permanent")
-        ns.route("replace", dst="198.18.0.8/32", oif=idx, scope="link",
-                 metrics={"mtu": 1000, "lock": 1 << 2})
-    netns.run(name, ["sysctl", "-qw", "net.ipv4.conf.bb0.forwarding=1"])
-    return netns.mac(name, "bb0"), idx
-
-
 @pytest.fixture(scope="module")
 def rig() -> Iterator[Rig]:
     try:
-        bb_mac, idx = _backbone(NS)
+        bb_mac, idx = fibrig.create(NS)
         cap = Capacity(maglev_slots=SLOTS)
         iad, dus = EdgeUnderTest("steer-iad", cap), EdgeUnderTest("steer-dus", cap)
         try:
