@@ -21,6 +21,7 @@ from pyroute2 import NetNS, netns
 
 ROOT = Path(__file__).resolve().parents[1]
 CLONE_NEWNET = 0x40000000
+IFA_F_NODAD = 0x02
 PYTHON = sys.executable
 
 
@@ -64,8 +65,9 @@ def address(ns: str, ifname: str, cidr: str) -> None:
         idx = n.link_lookup(ifname=ifname)[0]
         have = [a.get_attr("IFA_ADDRESS") for a in n.get_addr(index=idx)]
         if addr not in have:
-            n.addr("add", index=idx, address=addr, prefixlen=int(plen), nodad=True) \
-                if ":" in addr else n.addr("add", index=idx, address=addr, prefixlen=int(plen))
+            # IPv6 without duplicate address detection: usable at once.
+            extra = {"flags": IFA_F_NODAD} if ":" in addr else {}
+            n.addr("add", index=idx, address=addr, prefixlen=int(plen), **extra)
 
 
 def route(ns: str, dst: str, gateway: str) -> None:

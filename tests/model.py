@@ -31,6 +31,8 @@ class Parsed:
     first: bool = False
     sport: int | None = None
     dport: int | None = None
+    hop_limit: int = 0
+    icmp_type: int | None = None
 
 
 class Drop(Exception):
@@ -56,8 +58,10 @@ def _l4(p: Parsed, data: bytes, off: int, l4_len: int) -> None:
         p.sport, p.dport, ulen = struct.unpack_from("!HHH", data, off)
         if ulen < 8 or (ulen > l4_len and not p.first):
             raise Drop(R.DROP_BAD_L4)
-    elif p.proto in (ICMP, ICMP6) and (have < 8 or l4_len < 8):
-        raise Drop(short)
+    elif p.proto in (ICMP, ICMP6):
+        if have < 8 or l4_len < 8:
+            raise Drop(short)
+        p.icmp_type = data[off]
 
 
 def _ipv4(data: bytes, off: int) -> Parsed:
@@ -94,7 +98,8 @@ def _ipv6(data: bytes, off: int) -> Parsed:
     if off + 40 + plen > len(data):
         raise Drop(R.DROP_BAD_LENGTH)
     end = off + 40 + plen
-    p = Parsed(6, int.from_bytes(data[off + 8: off + 24], "big"), data[off + 6])
+    p = Parsed(6, int.from_bytes(data[off + 8: off + 24], "big"), data[off + 6],
+               hop_limit=data[off + 7])
     pos, nxt = off + 40, data[off + 6]
     for i in range(IPV6_EXT_MAX):
         if nxt not in (HOPOPTS, ROUTING, DSTOPTS, AH, FRAGMENT):
@@ -180,6 +185,12 @@ def _l4_rule_drops(rules: RuleSet, p: Parsed) -> bool:
     return False
 
 
+def _on_link_nd(p: Parsed) -> bool:
+    """IPv6 neighbour discovery (RFC 4861: ICMPv6 133-137, hop limit 255)."""
+    return (p.version == 6 and p.proto == ICMP6 and p.hop_limit == 255
+            and p.icmp_type is not None and 133 <= p.icmp_type <= 137)
+
+
 def verdict(data: bytes, rules: RuleSet, now: float) -> Reason:
     """What the edge program should say about this frame (limits off)."""
     p = parse(data)
@@ -189,7 +200,8 @@ def verdict(data: bytes, rules: RuleSet, now: float) -> Reason:
     deny = rules.deny_all()
     if _in(deny, p.version, p.src, now, expiring=True):
         reason = R.DROP_DENYLIST
-    elif rules.public and _in(rules.bogons, p.version, p.src, now, expiring=False):
+    elif (rules.public and not _on_link_nd(p)
+          and _in(rules.bogons, p.version, p.src, now, expiring=False)):
         reason = R.DROP_BOGON
     elif _l4_rule_drops(rules, p):
         reason = R.DROP_L4_RULE

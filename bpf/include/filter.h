@@ -141,11 +141,20 @@ static __always_inline int may_be_listed(struct pe_pkt *p, __u32 state)
 	return p->l3_proto != ETH_P_IP || state == PE_SUM_SLOW;
 }
 
+/* IPv6 neighbour discovery (RFC 4861: ICMPv6 133-137) comes from
+ * link-local sources, with hop limit 255, which only a sender on this link
+ * can set. It is never a bogon, or IPv6 would stop on a public link. */
+static __always_inline int on_link_nd(struct pe_pkt *p)
+{
+	return p->l3_proto == ETH_P_IPV6 && p->l4_proto == IPPROTO_ICMPV6 &&
+	       p->hop_limit == 255 && p->icmp_type >= 133 && p->icmp_type <= 137;
+}
+
 static __always_inline int bogon(struct pe_gen *g, struct pe_pkt *p, __u32 state)
 {
 	void *lpm4, *lpm6;
 
-	if (!(g->params->flags & PE_F_BOGONS) || !may_be_listed(p, state))
+	if (!(g->params->flags & PE_F_BOGONS) || !may_be_listed(p, state) || on_link_nd(p))
 		return 0;
 	lpm4 = pe_b4lpm_v1.lookup(&g->slot);
 	lpm6 = pe_b6lpm_v1.lookup(&g->slot);

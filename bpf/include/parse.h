@@ -39,6 +39,8 @@ struct pe_pkt {
 	__u16 sport;
 	__u16 dport;
 	__u8 tos;               /* IPv4 TOS / IPv6 traffic class */
+	__u8 hop_limit;         /* IPv6 hop limit (neighbour discovery needs 255) */
+	__u8 icmp_type;         /* ICMP / ICMPv6 type, when l4_proto is one */
 	__u16 l3_off;           /* offset of the IP header in the frame */
 	__u16 l4_off;           /* offset of the header after IPv4's (options included) */
 	__u16 l3_len;           /* IP packet length from its header (frame padding excluded) */
@@ -150,6 +152,7 @@ static __always_inline int parse_ipv6(struct pe_cursor *c, struct pe_pkt *p, __u
 	__builtin_memcpy(&p->daddr6, &ip6->daddr, sizeof(p->daddr6));
 	p->tos = (ip6->priority << 4) | (ip6->flow_lbl[0] >> 4);
 	p->l3_len = sizeof(*ip6) + plen;
+	p->hop_limit = ip6->hop_limit;
 
 	__u8 next = ip6->nexthdr;
 #pragma unroll
@@ -247,6 +250,7 @@ static __always_inline int parse_l4(struct pe_cursor *c, struct pe_pkt *p, __u32
 	case IPPROTO_ICMPV6:
 		if (c->pos + PE_ICMP_HDR_LEN > c->end || l4_len < PE_ICMP_HDR_LEN)
 			return short_reason;
+		p->icmp_type = *(__u8 *)c->pos;
 		return 0;
 	}
 	return 0;

@@ -74,6 +74,7 @@ def v6_layer():
 
 E = ETH
 IP_OFF = 14  # IPv4/IPv6 header offset in an untagged frame
+NS_BODY = Raw(b"\x87\x00" + bytes(22))  # ICMPv6 neighbour solicitation, type 135
 
 CASES = [
     # -- Ethernet and VLAN -------------------------------------------------------------------------
@@ -239,6 +240,18 @@ CASES = [
          R.PASS_ALLOW),
     Case("bogon_v6_linklocal", "a link-local IPv6 source", v6("fe80::1"), R.DROP_BOGON),
     Case("bogon_v6_multicast", "a multicast IPv6 source", v6("ff02::1"), R.DROP_BOGON),
+    Case("nd_neighbour_solicit", "neighbour discovery from a link-local address, hop limit "
+         "255: on-link by RFC 4861, never a bogon",
+         b(E / IPv6(src="fe80::1", dst="ff02::1:ff00:1", hlim=255, nh=58) / NS_BODY),
+         R.PASS),
+    Case("nd_router_advert", "a router advertisement from a link-local address",
+         b(E / IPv6(src="fe80::1", dst="ff02::1", hlim=255, nh=58) / Raw(b"\x86\x00" + bytes(14))),
+         R.PASS),
+    Case("nd_routed_from", "the same ICMPv6 type with hop limit 64 came through a router",
+         b(E / IPv6(src="fe80::1", dst="ff02::1:ff00:1", hlim=64, nh=58) / NS_BODY),
+         R.DROP_BOGON),
+    Case("nd_echo_not_nd", "an echo request from link-local is no discovery",
+         b(E / IPv6(src="fe80::1", dst=DST6, hlim=255) / ICMPv6EchoRequest()), R.DROP_BOGON),
     Case("backbone_private_ok", "no bogon check on a backbone interface", v4("10.9.9.9"),
          R.PASS, rules="backbone"),
     Case("backbone_v6_ok", "nor for IPv6", v6("fe80::1"), R.PASS, rules="backbone"),
