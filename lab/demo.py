@@ -1,32 +1,45 @@
-"""`sudo make demo`: an attack mix against one protected edge, and a report.
+"""`sudo make demo`: the Regional Services story on the multi-DC lab.
 
-    el-client  tx0 ---- veth ---- rx0  el-dus (agent, XDP on rx0)
+    python -m lab.demo                  lab up, the story step by step, lab down
+    python -m lab.demo --keep           ... and leave the lab up to look around
+    python -m lab.demo --clean          only remove what a kept run left
+    python -m lab.demo --filter-only    the single-link attack-mix demo instead
 
-Builds the two namespaces, starts the agent in el-dus, replays a scapy
-attack mix (denylisted hosts and networks, bogons, NTP and memcached
-reflection, a SYN flood, truncated headers, and legitimate TCP, UDP and
-IPv6 among them), counts what reached el-dus's stack, and prints what
-happened. Removes everything afterwards unless --keep.
-Exit 0 when every legitimate frame arrived and no attack frame did.
+The lab of lab/topology.yaml comes up in network namespaces (el-*) with an
+agent per DC. Katerina in Cologne is served by Düsseldorf, then, having
+driven to Frankfurt, by Frankfurt; a user in the US asking for the EU-only
+shop lands in Ashburn, whose XDP program tunnels the packets to an EU DC
+without terminating TLS; a denylisted attacker's burst dies in Ashburn's
+XDP. Every step prints its evidence (XDP and front-end counters, a capture
+of the backbone) and PASS or FAIL (lab/story.py). Exit 0 when all passed.
+
+--filter-only replays a scapy attack mix at one edge (two namespaces,
+el-client and el-dus, joined by a veth) and reports per kind of traffic
+what reached the stack. Its namespace names clash with the lab's, so it
+runs only while the lab is down.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 
-from scapy.utils import wrpcap
-
 from agent.preflight import missing
-from lab import attack_mix
+from lab import attack_mix, netns
+from lab.cluster import Lab, LabError
+from lab.story import filter_demo_leftovers, tell
+from lab.topology import TopologyError, load_topology
 from lab.twons import TwoNamespaces
+
+TOOLS = ("curl", "tcpdump", "nsenter", "ethtool", "ip")
 
 
 def report(cats, got: dict[str, int], counters: dict[str, int], sent: int,
-           seconds: float) -> tuple[str, bool]:
-    lines = [f"sent {sent:,} frames from el-client in {seconds:.2f} s", "",
+           seconds: float, sender: str = "el-client") -> tuple[str, bool]:
+    lines = [f"sent {sent:,} frames from {sender} in {seconds:.2f} s", "",
              f"  {'category':<22} {'sent':>7} {'reached stack':>14} {'dropped':>8}  counted as"]
     ok = True
     for c in cats:
@@ -52,31 +65,35 @@ def report(cats, got: dict[str, int], counters: dict[str, int], sent: int,
     return "\n".join(lines), ok
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--keep", action="store_true", help="leave the namespaces and agent up")
-    p.add_argument("--clean", action="store_true", help="only remove what --keep left")
-    p.add_argument("--scale", type=int, default=2, help="multiply the mix (default: 2)")
-    args = p.parse_args(argv)
-    problems = missing()
-    if problems:
-        print("demo: " + "; ".join(problems), file=sys.stderr)
-        return 1
-    lab = TwoNamespaces("el", tx="client", rx="dus")
-    lab.down()  # a crashed or kept earlier run may have left these
-    if args.clean:
-        return 0
+def filter_only(prefix: str, keep: bool, scale: int) -> int:
+    """The single-link demo: an attack mix against one protected edge."""
     try:
-        print("== building el-client and el-dus, joined by a veth")
+        cluster = Lab(load_topology(), prefix=prefix)
+    except (LabError, TopologyError) as e:
+        print(f"demo: {e}", file=sys.stderr)
+        return 1
+    ours = set(filter_demo_leftovers(prefix))
+    if cluster.state_dir.exists() or any(netns.exists(n) for n in cluster.namespaces
+                                         if n not in ours):
+        print(f"demo: the multi-DC lab {prefix} is up and uses {prefix}client and {prefix}dus "
+              "too; remove it first: sudo .venv/bin/python -m lab.demo --clean",
+              file=sys.stderr)
+        return 1
+    lab = TwoNamespaces(prefix.rstrip("-"), tx="client", rx="dus")
+    lab.down()  # a crashed or kept earlier run may have left these
+    try:
+        print(f"== building {lab.tx} and {lab.rx}, joined by a veth")
         lab.up()
         lab.config(**attack_mix.NODE_RULES)
-        print("== starting privedge-agent in el-dus on rx0")
+        print(f"== starting privedge-agent in {lab.rx} on rx0")
         lab.start_agent()
         for line in lab.log.read_text().splitlines():
             print("   " + line)
-        cats = attack_mix.build(lab.rx_mac, lab.tx_mac, scale=args.scale)
+        cats = attack_mix.build(lab.rx_mac, lab.tx_mac, scale=scale)
         frames = [*attack_mix.interleave(cats), attack_mix.stop_frame(lab.rx_mac, lab.tx_mac)]
         pcap = lab.tmp / "mix.pcap"
+        from scapy.utils import wrpcap
+
         wrpcap(str(pcap), frames, linktype=1)
         before = {c["reason"]: c["packets"] for c in lab.cli("status", "--interval", "0")
                   ["counters"]}
@@ -90,16 +107,58 @@ def main(argv: list[str] | None = None) -> int:
         status = lab.cli("status", "--interval", "0")
         counters = {c["reason"]: c["packets"] - before.get(c["reason"], 0)
                     for c in status["counters"]}
-        text, ok = report(cats, got, counters, sent, seconds)
+        text, ok = report(cats, got, counters, sent, seconds, lab.tx)
         print("\n== what happened\n" + text)
         return 0 if ok else 1
     finally:
-        if args.keep:
-            print(f"\n(kept: namespaces el-client, el-dus; pins under {lab.bpffs}; state in "
+        if keep:
+            print(f"\n(kept: namespaces {lab.tx}, {lab.rx}; pins under {lab.bpffs}; state in "
                   f"{lab.run_dir}; remove with `sudo .venv/bin/python -m lab.demo --clean`)")
         else:
             lab.down()
-            print("\n== removed el-client, el-dus, the pins and the state")
+            print(f"\n== removed {lab.tx}, {lab.rx}, the pins and the state")
+
+
+def clean(prefix: str) -> int:
+    """Remove what a kept run (of either demo) left."""
+    left = filter_demo_leftovers(prefix)
+    if left:
+        TwoNamespaces(prefix.rstrip("-"), tx="client", rx="dus").down()
+        print(f"removed the single-link demo: {', '.join(left)}")
+    try:
+        lab = Lab(load_topology(), prefix=prefix)
+        removed = lab.down()["removed"]
+    except (LabError, TopologyError) as e:
+        print(f"demo --clean: {e}", file=sys.stderr)
+        return 1
+    spaces = sum(1 for r in removed if r.startswith("namespace "))
+    print(f"removed lab {prefix}: {spaces} namespaces" if spaces
+          else f"lab {prefix}: nothing left to remove")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--keep", action="store_true", help="leave the lab up at the end")
+    p.add_argument("--clean", action="store_true", help="only remove what --keep left")
+    p.add_argument("--filter-only", action="store_true",
+                   help="the single-link attack-mix demo (only while the lab is down)")
+    p.add_argument("--scale", type=int, default=2,
+                   help="--filter-only: multiply the attack mix (default: 2)")
+    p.add_argument("--prefix", default="el-", help=argparse.SUPPRESS)  # tests: a lab of their own
+    args = p.parse_args(argv)
+    problems = missing() + [f"{t} not found: `sudo make setup` installs it"
+                            for t in TOOLS if shutil.which(t) is None]
+    if problems:
+        print("demo: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    if args.clean:
+        return clean(args.prefix)
+    if args.filter_only:
+        return filter_only(args.prefix, args.keep, args.scale)
+    return tell(args.prefix, keep=args.keep)
 
 
 if __name__ == "__main__":
