@@ -117,8 +117,11 @@ class Agent:
         self.serve_path = serve_path
         self.serve_cfg = load_serve_config(serve_path) if serve_path else None
         self.front: ServerThread | None = None
-        self.steering = next((link.cfg.steering for link in self.links if link.cfg.steering),
-                             None)
+        sections = {link.cfg.steering for link in self.links}
+        if len(sections) > 1:
+            raise ConfigError("the links of one agent must carry the same steering section "
+                              f"(they differ in {', '.join(p for p in config_paths)})")
+        self.steering = sections.pop()
         self.stop = threading.Event()
         self.reload = threading.Event()
 

@@ -37,3 +37,28 @@ def test_usage_error_exits_2() -> None:
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+STEERING = """steering:
+  dc: dus
+  region: eu
+  backbone_interface: bb0
+  backbone_address: 198.18.0.1
+  dcs: [{name: dus, region: eu, backbone: 198.18.0.1}, {name: iad, region: us, backbone: %s}]
+"""
+
+
+def test_run_refuses_links_that_disagree(tmp_path, capsys) -> None:
+    """A DC's links must steer alike; the agent refuses before touching anything."""
+    inet, bb = tmp_path / "inet0.yaml", tmp_path / "bb0.yaml"
+    inet.write_text("interface: inet0\n" + STEERING % "198.18.0.3")
+    bb.write_text("interface: bb0\nrole: backbone\n" + STEERING % "198.18.0.4")
+    assert main(["run", "--config", str(inet), "--config", str(bb)]) == 1
+    assert "must carry the same steering section" in capsys.readouterr().err
+
+
+def test_run_refuses_an_interface_twice(tmp_path, capsys) -> None:
+    cfg = tmp_path / "inet0.yaml"
+    cfg.write_text("interface: inet0\n")
+    assert main(["run", "--config", str(cfg), "--config", str(cfg)]) == 1
+    assert "configured twice" in capsys.readouterr().err
