@@ -2,7 +2,10 @@
 
 Which in-region DC a flow lands on is `table[region][flow_hash % slots]`;
 tests and benchmarks use this to predict the kernel's choice, and
-tests/bpf proves the two agree packet by packet.
+tests/bpf proves the two agree packet by packet. An ICMP error that quotes
+a packet from a regional IP (a router's "packet too big" for a DC's reply)
+is hashed as the client's flow it belongs to: flow_hash(client, regional
+IP, proto, client port, service port), the quoted packet turned around.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ struct pe_pkt {
 	__u8 hop_limit;         /* IPv6 hop limit (neighbour discovery needs 255) */
 	__u8 icmp_type;         /* ICMP / ICMPv6 type, when l4_proto is one */
 	__u16 l3_off;           /* offset of the IP header in the frame */
-	__u16 l4_off;           /* offset of the header after IPv4's (options included) */
+	__u16 l4_off;           /* offset of the header after the IP header(s) */
 	__u16 l3_len;           /* IP packet length from its header (frame padding excluded) */
 	__u32 saddr4;           /* network order */
 	__u32 daddr4;
@@ -206,6 +206,7 @@ static __always_inline int parse_ipv6(struct pe_cursor *c, struct pe_pkt *p, __u
 	}
 done:
 	p->l4_proto = next;
+	p->l4_off = c->pos - c->start;
 	*l4_len = payload_end - c->pos;
 	return next;
 }

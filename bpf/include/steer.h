@@ -43,31 +43,105 @@ static __always_inline __u32 flow_mix(__u32 h, __u32 k)
 	return h * 5 + 0xe6546b64U;
 }
 
-/*
- * Hash of the flow: addresses (as loaded from the packet), ports and
- * protocol. Fragments hash without ports (a later fragment has none), so
- * every fragment of a datagram goes to the same DC. agent/flowhash.py is
- * the same function in Python.
- */
-static __always_inline __u32 flow_hash(struct pe_pkt *p)
-{
-	__u32 h = PE_FLOW_SEED, ports = 0;
+/* A flow as the hash sees it: addresses as loaded from the packet. */
+struct pe_flow {
+	__u32 src[4];
+	__u32 dst[4];
+	__u32 ports;            /* sport << 16 | dport, host order; 0 without ports */
+	__u32 proto;
+};
 
+/* The packet's own flow. Fragments go without ports (a later fragment has
+ * none), so every fragment of a datagram goes to the same DC. */
+static __always_inline void flow_of(struct pe_pkt *p, struct pe_flow *f)
+{
 	if (p->has_ports && !p->first_frag)
-		ports = ((__u32)p->sport << 16) | p->dport;
+		f->ports = ((__u32)p->sport << 16) | p->dport;
+	f->proto = p->l4_proto;
 	if (p->l3_proto == ETH_P_IP) {
-		h = flow_mix(h, p->saddr4);
-		h = flow_mix(h, p->daddr4);
+		f->src[0] = p->saddr4;
+		f->dst[0] = p->daddr4;
+		return;
+	}
+	__builtin_memcpy(f->src, &p->saddr6, 16);
+	__builtin_memcpy(f->dst, &p->daddr6, 16);
+}
+
+static __always_inline int same6(struct in6_addr *a, struct in6_addr *b)
+{
+	return ((a->in6_u.u6_addr32[0] ^ b->in6_u.u6_addr32[0]) |
+		(a->in6_u.u6_addr32[1] ^ b->in6_u.u6_addr32[1]) |
+		(a->in6_u.u6_addr32[2] ^ b->in6_u.u6_addr32[2]) |
+		(a->in6_u.u6_addr32[3] ^ b->in6_u.u6_addr32[3])) == 0;
+}
+
+/*
+ * An ICMP error about a packet this network sent belongs to that packet's
+ * flow: a router's "fragmentation needed" or "packet too big" for a reply
+ * an in-region DC sent by DSR reaches whichever DC is nearest the router,
+ * and must go on to the DC that holds the connection, or path MTU
+ * discovery breaks. The quoted packet (from the regional IP to the client)
+ * is turned around into the client's flow. 1 when *f is that flow.
+ */
+static __always_inline int quoted_flow(struct xdp_md *ctx, struct pe_pkt *p, struct pe_flow *f)
+{
+	void *data = (void *)(long)ctx->data, *end = (void *)(long)ctx->data_end;
+	void *quoted = data + (p->l4_off & 0x7ff) + PE_ICMP_HDR_LEN;
+	__u16 *ports;
+
+	if (p->nonfirst_frag || p->first_frag)
+		return 0;
+	if (p->l3_proto == ETH_P_IP) {
+		struct iphdr *in = quoted;
+
+		/* Destination unreachable, time exceeded, parameter problem. */
+		if (p->l4_proto != IPPROTO_ICMP ||
+		    (p->icmp_type != 3 && p->icmp_type != 11 && p->icmp_type != 12))
+			return 0;
+		if ((void *)(in + 1) > end || in->saddr != p->daddr4 || in->ihl < 5)
+			return 0;
+		f->src[0] = in->daddr;
+		f->dst[0] = in->saddr;
+		f->proto = in->protocol;
+		if (in->frag_off & bpf_htons(PE_IP_OFFSET | PE_IP_MF))
+			return 1;
+		ports = quoted + in->ihl * 4;
+	} else {
+		struct ipv6hdr *in = quoted;
+
+		/* Destination unreachable, packet too big, time exceeded, parameter problem. */
+		if (p->l4_proto != IPPROTO_ICMPV6 || p->icmp_type < 1 || p->icmp_type > 4)
+			return 0;
+		if ((void *)(in + 1) > end || !same6(&in->saddr, &p->daddr6))
+			return 0;
+		__builtin_memcpy(f->src, &in->daddr, 16);
+		__builtin_memcpy(f->dst, &in->saddr, 16);
+		f->proto = in->nexthdr;
+		ports = (void *)(in + 1);
+	}
+	if ((f->proto == IPPROTO_TCP || f->proto == IPPROTO_UDP) && (void *)(ports + 2) <= end)
+		f->ports = ((__u32)bpf_ntohs(ports[1]) << 16) | bpf_ntohs(ports[0]);
+	return 1;
+}
+
+/* Hash of a flow; agent/flowhash.py is the same function in Python. */
+static __always_inline __u32 flow_hash(struct pe_flow *f, int v6)
+{
+	__u32 h = PE_FLOW_SEED;
+
+	if (!v6) {
+		h = flow_mix(h, f->src[0]);
+		h = flow_mix(h, f->dst[0]);
 	} else {
 #pragma unroll
 		for (int i = 0; i < 4; i++)
-			h = flow_mix(h, p->saddr6.in6_u.u6_addr32[i]);
+			h = flow_mix(h, f->src[i]);
 #pragma unroll
 		for (int i = 0; i < 4; i++)
-			h = flow_mix(h, p->daddr6.in6_u.u6_addr32[i]);
+			h = flow_mix(h, f->dst[i]);
 	}
-	h = flow_mix(h, ports);
-	h = flow_mix(h, p->l4_proto);
+	h = flow_mix(h, f->ports);
+	h = flow_mix(h, f->proto);
 	h ^= h >> 16;
 	h *= 0x85ebca6bU;
 	h ^= h >> 13;
@@ -220,6 +294,7 @@ static __always_inline __u32 stage_steer(struct xdp_md *ctx, struct pe_gen *g,
 					 struct pe_pkt *p, __u32 reason)
 {
 	struct pe_steer *s = g->steer;
+	struct pe_flow flow = {};
 	struct pe_svc *svc;
 	struct pe_dc *dc;
 	void *table, *dcs;
@@ -238,7 +313,9 @@ static __always_inline __u32 stage_steer(struct xdp_md *ctx, struct pe_gen *g,
 	dcs = pe_dcs_v1.lookup(&g->slot);
 	if (!size || !table || !dcs)
 		return PE_R_DROP_NO_REGION_DC;
-	idx = svc->region * size + flow_hash(p) % size;
+	if (!quoted_flow(ctx, p, &flow))
+		flow_of(p, &flow);
+	idx = svc->region * size + flow_hash(&flow, p->l3_proto == ETH_P_IPV6) % size;
 	/* Byte slots keep a region's 65537-slot table at 64 KiB, in cache;
 	 * array values are 8-byte aligned, so bytes are packed into u64s. */
 	word = idx / PE_MAGLEV_PER_WORD;

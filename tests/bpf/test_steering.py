@@ -302,6 +302,41 @@ def _dest(rig: Rig, sport: int) -> str:
     return IP(out.data[14:34]).dst
 
 
+@pytest.mark.parametrize("v6", [False, True], ids=["v4_frag_needed", "v6_packet_too_big"])
+def test_icmp_error_follows_the_flow_it_quotes(rig: Rig, v6: bool) -> None:
+    """A router's ICMP error about a DC's reply (DSR) goes to the DC that
+    holds that connection, not wherever the router's own address hashes."""
+    from scapy.layers.inet6 import ICMPv6PacketTooBig
+
+    wanted = set()
+    for cport in range(41000, 41040):
+        if v6:
+            quoted = IPv6(src=EU6, dst=CLIENT6) / TCP(sport=443, dport=cport, flags="A")
+            err = IPv6(src="2001:db8:113::fe", dst=EU6) / ICMPv6PacketTooBig(mtu=1280) / quoted
+            want = rig.choose(CLIENT6, EU6, 6, cport, 443)
+        else:
+            quoted = IP(src=EU4, dst=CLIENT4, flags="DF") / TCP(sport=443, dport=cport, flags="A")
+            err = IP(src="203.0.113.254", dst=EU4) / ICMP(type=3, code=4, nexthopmtu=1280) / \
+                raw(quoted)[:28]
+            want = rig.choose(CLIENT4, EU4, 6, cport, 443)
+        out = rig.iad.run(raw(eth() / err))
+        assert out.verdict == XdpAction.REDIRECT
+        assert IP(out.data[14:34]).dst == want, f"client port {cport}"
+        wanted.add(want)
+    # Both EU DCs hold some of these flows: one hash of the router's address
+    # (the ICMP packet's own flow) could not have sent each to its own.
+    assert len(wanted) == 2
+
+
+def test_icmp_error_quoting_someone_else_hashes_as_itself(rig: Rig) -> None:
+    """An ICMP error quoting a packet that was not from the regional IP is
+    no reply of ours: it is hashed as its own (3-tuple) flow."""
+    quoted = IP(src="192.0.2.9", dst=CLIENT4) / TCP(sport=443, dport=41000, flags="A")
+    err = IP(src="203.0.113.254", dst=EU4) / ICMP(type=3, code=4) / raw(quoted)[:28]
+    out = rig.iad.run(raw(eth() / err))
+    assert IP(out.data[14:34]).dst == rig.choose("203.0.113.254", EU4, 1)
+
+
 def test_flows_stick_and_spread(rig: Rig) -> None:
     flows = range(20000, 20200)
     first = {s: _dest(rig, s) for s in flows}
