@@ -10,7 +10,7 @@ venv=${PRIVEDGE_VENV:-$here/.venv}
 APT_PACKAGES=(
   python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 bpftool iproute2
   nftables xdp-tools tcpdump ethtool python3-venv python3-dev gcc make
-  iputils-ping util-linux curl ruby
+  iputils-ping util-linux curl ruby vagrant
 )
 
 phase() { printf '\n== setup: %s\n' "$*"; }

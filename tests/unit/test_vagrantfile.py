@@ -1,6 +1,6 @@
 """The Vagrantfile: valid Ruby, and the VMs it defines are the topology's.
 
-Needs `ruby` (Debian package ruby), not Vagrant: a stub `Vagrant.configure`
+Needs `ruby` and `vagrant` (Debian packages). A stub `Vagrant.configure`
 records what the Vagrantfile defines, and the test compares it with
 lab/topology.yaml read by the lab's own loader.
 """
@@ -128,3 +128,18 @@ def test_vms_are_provisioned_like_the_namespace_lab(vms) -> None:
             assert f"--if {seg}=mac:{net['mac']}" in script
         assert ("-m agent.daemon run" in script) == node.is_dc, node.name
         assert (f"-m lab generate {node.name} " in script) == node.is_dc
+
+
+def test_vagrant_validates_it(tmp_path) -> None:
+    """Vagrant itself (Debian's vagrant package) accepts the file; no
+    provider is installed here, so provider settings are not checked."""
+    vagrant = shutil.which("vagrant")
+    if vagrant is None:
+        pytest.fail("vagrant is not installed (apt-get install vagrant)", pytrace=False)
+    out = subprocess.run([vagrant, "validate", "--ignore-provider"], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT,
+                         env={"HOME": str(tmp_path), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                              "VAGRANT_HOME": str(tmp_path / ".vagrant.d"),
+                              "VAGRANT_CHECKPOINT_DISABLE": "1"})
+    assert out.returncode == 0 and "validated successfully" in out.stdout, \
+        out.stdout + out.stderr
