@@ -1,0 +1,35 @@
+"""The agent prepares a DC's backbone link for steering, and says so."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from agent.loader import prepare_backbone
+from lab import netns
+from lab.netns import inside_netns
+
+
+def _sysctl(path: str) -> str:
+    return Path(f"/proc/sys/{path}").read_text().strip()
+
+
+def test_prepare_backbone_sets_forwarding_loose_rp_and_ipv6() -> None:
+    ns = f"pe{os.getpid()}bbp"
+    try:
+        netns.create(ns)
+        netns.veth(ns, "bb0", ns, "bbpeer")
+        netns.run(ns, ["sysctl", "-qw", "net.ipv4.conf.bb0.forwarding=0",
+                       "net.ipv4.conf.all.rp_filter=1", "net.ipv6.conf.bb0.disable_ipv6=1"])
+        said: list[str] = []
+        with inside_netns(ns):
+            index = prepare_backbone("bb0", lambda _name, detail: said.append(detail))
+            assert _sysctl("net/ipv4/conf/bb0/forwarding") == "1"
+            assert _sysctl("net/ipv4/conf/bb0/rp_filter") == "2"
+            assert _sysctl("net/ipv4/conf/all/forwarding") == "0", "only the link forwards"
+            assert _sysctl("net/ipv6/conf/bb0/disable_ipv6") == "0"
+            again: list[str] = []
+            prepare_backbone("bb0", lambda _name, detail: again.append(detail))
+        assert index > 0 and len(said) == 3 and again == []
+    finally:
+        netns.delete(ns)
