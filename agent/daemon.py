@@ -20,13 +20,15 @@ import sys
 import threading
 import time
 
+from pyroute2 import NetlinkError
+
 from agent import catalog, loader, neighbours
 from agent.apply import apply_generation, expire_entries
 from agent.bcc_build import BuildError
 from agent.compile import CapacityError, compile_rules
-from agent.config import ConfigError, NodeConfig, load_config
+from agent.config import ConfigError, NodeConfig, Steering, load_config
 from agent.l7.config import load_serve_config
-from agent.l7.server import ServeError, ServerThread, run_in_thread
+from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
 from agent.maps import LayoutError
 from agent.node import NodeError
@@ -44,6 +46,15 @@ def phase(name: str, detail: str) -> None:
     print(f"privedge-agent: [{name}] {detail}", flush=True)
 
 
+def same_steering(cfgs: list[NodeConfig], paths: list[str]) -> Steering | None:
+    """The steering section every link carries; the links of a DC must agree."""
+    sections = {cfg.steering for cfg in cfgs}
+    if len(sections) > 1:
+        raise ConfigError("the links of one agent must carry the same steering section "
+                          f"(they differ in {', '.join(paths)})")
+    return sections.pop()
+
+
 class Link:
     """One protected interface: its config, its node, its expiry sweep."""
 
@@ -59,22 +70,23 @@ class Link:
         phase("link", f"{self.cfg.interface} protected, generation {started.generation}, "
                       f"edge program {started.edge_tag}")
 
-    def do_reload(self) -> None:
-        """SIGHUP: re-read the config and apply it as one generation."""
+    def check_reload(self, cfg: NodeConfig) -> None:
+        if (cfg.interface, cfg.netns, cfg.bpffs, cfg.run_dir) != \
+                (self.cfg.interface, self.cfg.netns, self.cfg.bpffs, self.cfg.run_dir):
+            raise ConfigError(f"{self.config_path}: interface, netns, bpffs and run_dir cannot "
+                              "change on reload; restart the agent")
+
+    def apply(self, cfg: NodeConfig, backbone: int | None) -> None:
+        """Apply a checked config as one generation (backbone: fresh ifindex)."""
         try:
-            cfg = load_config(self.config_path)
-            if (cfg.interface, cfg.netns, cfg.bpffs, cfg.run_dir) != \
-                    (self.cfg.interface, self.cfg.netns, self.cfg.bpffs, self.cfg.run_dir):
-                raise ConfigError("interface, netns, bpffs and run_dir cannot change on "
-                                  "reload; restart the agent")
             with self.node.lock():
-                rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir))
+                rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir), backbone)
                 report = apply_generation(self.node, rules)
             self.cfg = cfg
             phase("reload", f"{cfg.interface}: generation {report['generation']} live in "
                             f"{report['total_s']}s")
         except FAILURES as e:
-            phase("reload", f"refused, nothing changed: {e}")
+            phase("reload", f"{cfg.interface}: refused, nothing changed: {e}")
 
     def sweep(self) -> None:
         """Forget expired entries; the kernel stopped enforcing them already.
@@ -117,11 +129,7 @@ class Agent:
         self.serve_path = serve_path
         self.serve_cfg = load_serve_config(serve_path) if serve_path else None
         self.front: ServerThread | None = None
-        sections = {link.cfg.steering for link in self.links}
-        if len(sections) > 1:
-            raise ConfigError("the links of one agent must carry the same steering section "
-                              f"(they differ in {', '.join(p for p in config_paths)})")
-        self.steering = sections.pop()
+        self.steering = same_steering([link.cfg for link in self.links], config_paths)
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -134,31 +142,54 @@ class Agent:
         phase("serve", f"TLS front end of {self.serve_cfg.dc} (region {self.serve_cfg.region}) "
                        f"on {where}")
 
+    def reload_links(self) -> None:
+        """SIGHUP for the links: every config is read and checked first (the
+        links must still steer alike, the backbone link is prepared again and
+        its ifindex looked up afresh), then each applies a generation."""
+        try:
+            cfgs = [load_config(link.config_path) for link in self.links]
+            for link, cfg in zip(self.links, cfgs, strict=True):
+                link.check_reload(cfg)
+            steering = same_steering(cfgs, [link.config_path for link in self.links])
+            backbone = (loader.prepare_backbone(steering.backbone_interface, phase)
+                        if steering else None)
+        except FAILURES as e:
+            phase("reload", f"refused, nothing changed: {e}")
+            return
+        for link, cfg in zip(self.links, cfgs, strict=True):
+            link.apply(cfg, backbone)
+        self.steering = steering
+
     def reload_front(self) -> None:
+        """SIGHUP for the front end. The new config and its certificates are
+        loaded before the old listeners close; if the new one cannot bind,
+        the old config is served again."""
         if self.serve_path is None:
             return
         try:
             cfg = load_serve_config(self.serve_path)
-            new = run_in_thread(cfg) if cfg.port == 0 else None
+            L7Server(cfg)  # loads every certificate: a bad one refuses the reload here
         except FAILURES as e:
             phase("reload", f"front end config refused, still serving the old one: {e}")
             return
-        if new is None:  # a fixed port: the old listener must go first
-            if self.front:
-                self.front.stop()
+        old_cfg = self.serve_cfg
+        if self.front:
+            self.front.stop()  # the port is ours again
+            self.front = None
+        try:
             self.serve_cfg = cfg
             self.start_front()
-        else:
-            old, self.front, self.serve_cfg = self.front, new, cfg
-            if old:
-                old.stop()
+        except FAILURES as e:
+            phase("reload", f"front end could not start ({e}); serving the old config again")
+            self.serve_cfg = old_cfg
+            self.start_front()
 
     def warm_neighbours(self) -> None:
         if self.steering is None:
             return
         try:
             probed = neighbours.warm(self.steering)
-        except OSError as e:
+        except (OSError, NetlinkError) as e:
             phase("neighbours", f"could not probe backbone peers: {e}")
             return
         if probed:
@@ -178,8 +209,7 @@ class Agent:
         while not self.stop.wait(SWEEP_SECONDS):
             if self.reload.is_set():
                 self.reload.clear()
-                for link in self.links:
-                    link.do_reload()
+                self.reload_links()
                 self.reload_front()
             for link in self.links:
                 link.sweep()

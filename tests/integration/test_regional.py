@@ -179,3 +179,22 @@ def test_guard_refuses_when_steering_is_bypassed(lab: Lab):
     finally:
         lab.restart_agent("iad")  # the agent adopts its pins and attaches again
     assert "native" in xdp(lab, "iad", "inet0")["attached"]
+
+
+def test_reload_keeps_steering_and_serving(lab: Lab):
+    """SIGHUP re-applies both links (backbone prepared again) and restarts
+    the front end on its fixed port; the EU zone is still reached via iad."""
+    log = lab.dc_dir("iad") / "agent.log"
+    seen = log.read_text().count("[reload]")
+    os.kill(lab.agent_pid("iad"), signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while log.read_text().count("[reload]") < seen + 2:  # both links
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    time.sleep(1.5)  # the front end's restart follows the links
+    text = log.read_text()
+    assert "refused" not in text.split("[ready]")[-1], text[-2000:]
+    r = https(lab, "uscustomer", "shop.example.eu", EU4)
+    assert r.returncode == 0 and json.loads(r.stdout)["dc"] in ("dus", "fra"), r.stderr
+    r = https(lab, "uscustomer", "www.example.com", WWW4)
+    assert r.returncode == 0 and json.loads(r.stdout)["dc"] == "iad", r.stderr
