@@ -104,6 +104,7 @@ class Reason(IntEnum):
     DROP_STEER_FAIL = 24
     DROP_TOO_BIG = 25
     DROP_BAD_TUNNEL = 26
+    DROP_TUNNEL_DEST = 27
 
     @property
     def verdict(self) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from agent import abi, catalog, xdp_link
 from agent import libbpf as lb
 from agent.apply import apply_generation
+from agent.backbone import prepare_backbone, release_backbone
 from agent.bcc_build import load, pin_program
 from agent.config import Capacity, NodeConfig
 from agent.node import PROG_EDGE, PROG_ROOT, Node, NodeError, ensure_bpffs
@@ -101,47 +102,6 @@ def upgrade_edge(node: Node, cap: Capacity, phase: Phase = _quiet,
     return edge.tag
 
 
-def _sysctl(path: str) -> str:
-    with open(f"/proc/sys/{path}") as f:
-        return f.read().strip()
-
-
-def _set_sysctl(path: str, value: str) -> None:
-    with open(f"/proc/sys/{path}", "w") as f:
-        f.write(value)
-
-
-def prepare_backbone(ifname: str, phase: Phase = _quiet) -> int:
-    """The backbone link's ifindex, with the link set up for steering:
-
-    - IPv4 forwarding on for that link: bpf_fib_lookup() refuses to route
-      through a link that does not forward;
-    - reverse-path filtering not strict there: decapsulated packets arrive
-      on it from clients whose route is the internet link (loose is kept);
-    - IPv6 on, so decapsulated IPv6 packets are taken.
-    """
-    index = xdp_link.ifindex(ifname)
-    changes = []
-    try:
-        if _sysctl(f"net/ipv4/conf/{ifname}/forwarding") != "1":
-            _set_sysctl(f"net/ipv4/conf/{ifname}/forwarding", "1")
-            changes.append("IPv4 forwarding on (for FIB lookups)")
-        rp = max(int(_sysctl("net/ipv4/conf/all/rp_filter")),
-                 int(_sysctl(f"net/ipv4/conf/{ifname}/rp_filter")))
-        if rp == 1:
-            _set_sysctl(f"net/ipv4/conf/{ifname}/rp_filter", "2")
-            changes.append("reverse-path filter loose instead of strict")
-        if _sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6") != "0":
-            _set_sysctl(f"net/ipv6/conf/{ifname}/disable_ipv6", "0")
-            changes.append("IPv6 on (decapsulated IPv6)")
-    except OSError as e:
-        raise NodeError(f"cannot prepare backbone link {ifname} for steering: "
-                        f"{e.strerror} ({e.filename})") from None
-    for change in changes:
-        phase("steering", f"{ifname}: {change}")
-    return index
-
-
 def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
     """Protect cfg.interface; idempotent. The caller may close the node."""
     phase("netns", cfg.netns or "(current)")
@@ -204,6 +164,8 @@ def detach(ifname: str, bpffs_root: str, run_root: str, netns: str | None = None
                 os.close(root_fd)
         node.remove()
         phase("detach", f"removed {node.pin_dir} and {node.run_dir}")
+    if release_backbone(ifname):
+        phase("detach", f"removed the forwarding guard of backbone link {ifname}")
     return found
 
 

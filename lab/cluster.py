@@ -234,8 +234,9 @@ def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
                 _sysctl(("net", "ipv6", "conf", ifname, "autoconf"), "0", changes)
         if node.is_dc:
             _sysctl(("net", "ipv6", "conf", "lo", "disable_ipv6"), "0", changes)
-            # bpf_fib_lookup refuses devices without forwarding; the host
-            # itself still routes nothing (ip_forward stays 0).
+            # bpf_fib_lookup refuses devices without forwarding. The agent
+            # sets this too, with an nftables guard that drops whatever the
+            # kernel would forward from bb0 (agent/backbone.py).
             bb = ifmap[topology.backbone.name]
             _sysctl(("net", "ipv4", "conf", bb, "forwarding"), "1", changes)
 

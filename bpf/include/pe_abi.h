@@ -51,7 +51,8 @@ enum pe_reason {
 	PE_R_DROP_STEER_FAIL = 24,  /* no headroom, no route or no neighbour towards the in-region DC */
 	PE_R_DROP_TOO_BIG = 25,     /* the tunnelled packet would exceed the backbone MTU */
 	PE_R_DROP_BAD_TUNNEL = 26,  /* a tunnel inside a tunnel to this DC */
-	PE_R__COUNT = 27,
+	PE_R_DROP_TUNNEL_DEST = 27, /* tunnelled, but not to a Regional Services IP of this DC's region */
+	PE_R__COUNT = 28,
 };
 
 /* Counter slots: room to append reasons without a layout bump. */

@@ -160,11 +160,25 @@ static __always_inline int tunnel_to_us(struct pe_gen *g, struct pe_pkt *p)
 	       (p->l4_proto == IPPROTO_IPIP || p->l4_proto == IPPROTO_IPV6);
 }
 
+static __always_inline struct pe_svc *service(struct pe_gen *g, struct pe_pkt *p)
+{
+	void *m;
+
+	if (p->l3_proto == ETH_P_IP) {
+		m = pe_svc4_v1.lookup(&g->slot);
+		return m ? bpf_map_lookup_elem(m, &p->daddr4) : NULL;
+	}
+	m = pe_svc6_v1.lookup(&g->slot);
+	return m ? bpf_map_lookup_elem(m, &p->daddr6) : NULL;
+}
+
 /*
  * Stage 2. Strip Ethernet (and VLAN tags) and the outer IPv4 header, put
  * the Ethernet addresses back in front of the inner packet, and parse that.
- * Returns the inner packet's parse reason (PE_R_PASS to go on), or
- * PE_R_DROP_BAD_TUNNEL for a tunnel to this DC inside the tunnel.
+ * Returns the inner packet's parse reason (PE_R_PASS to go on),
+ * PE_R_DROP_BAD_TUNNEL for a tunnel to this DC inside the tunnel, or
+ * PE_R_DROP_TUNNEL_DEST when the inner packet is not for a Regional
+ * Services IP of this DC's region.
  */
 static __always_inline __u32 stage_decap(struct xdp_md *ctx, struct pe_gen *g, struct pe_pkt *p)
 {
@@ -173,6 +187,7 @@ static __always_inline __u32 stage_decap(struct xdp_md *ctx, struct pe_gen *g, s
 	__u16 proto = p->l4_proto == IPPROTO_IPIP ? ETH_P_IP : ETH_P_IPV6;
 	int strip = p->l4_off - (int)sizeof(*eth);
 	__u8 dst[ETH_ALEN], src[ETH_ALEN];
+	struct pe_svc *svc;
 	__u32 reason;
 
 	if ((void *)(eth + 1) > end)
@@ -192,21 +207,16 @@ static __always_inline __u32 stage_decap(struct xdp_md *ctx, struct pe_gen *g, s
 
 	__builtin_memset(p, 0, sizeof(*p));
 	reason = stage_parse(ctx, p);
-	if (reason == PE_R_PASS && tunnel_to_us(g, p))
-		reason = PE_R_DROP_BAD_TUNNEL;
-	return reason;
-}
-
-static __always_inline struct pe_svc *service(struct pe_gen *g, struct pe_pkt *p)
-{
-	void *m;
-
-	if (p->l3_proto == ETH_P_IP) {
-		m = pe_svc4_v1.lookup(&g->slot);
-		return m ? bpf_map_lookup_elem(m, &p->daddr4) : NULL;
-	}
-	m = pe_svc6_v1.lookup(&g->slot);
-	return m ? bpf_map_lookup_elem(m, &p->daddr6) : NULL;
+	if (reason != PE_R_PASS)
+		return reason;
+	if (tunnel_to_us(g, p))
+		return PE_R_DROP_BAD_TUNNEL;
+	/* Only steered traffic comes this way: a tunnel to anything but a
+	 * dedicated IP of this region would make this DC a relay. */
+	svc = service(g, p);
+	if (!svc || !g->steer || svc->region != g->steer->region)
+		return PE_R_DROP_TUNNEL_DEST;
+	return PE_R_PASS;
 }
 
 static __always_inline __u16 ipv4_checksum(struct iphdr *ip)

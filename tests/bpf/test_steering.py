@@ -280,6 +280,10 @@ def test_steer_then_decap_restores_the_packet(rig: Rig) -> None:
     pytest.param(_to_dus(_tcp4(src=DENIED4)), R.DROP_DENYLIST, id="inner_source_denied"),
     pytest.param(_to_dus(_tcp4())[:14 + 20 + 10], R.DROP_BAD_LENGTH, id="outer_cut_short"),
     pytest.param(_to_dus(_tcp4(), outer_dst="198.18.0.2"), R.PASS, id="not_for_this_dc"),
+    pytest.param(_to_dus(_tcp4(dst="203.0.113.99")), R.DROP_TUNNEL_DEST,
+                 id="inner_not_a_service: no relaying through a DC"),
+    pytest.param(_to_dus(_tcp4(dst=US4)), R.DROP_TUNNEL_DEST,
+                 id="inner_for_another_region"),
 ])
 def test_decap_refuses(rig: Rig, frame: bytes, reason: Reason) -> None:
     _, deltas = run(rig.dus, frame)
@@ -368,7 +372,7 @@ def test_reasons_all_have_a_case() -> None:
 
     covered = ({c.reason for c in CASES} | {r for c in CASES for r in (c.counts or {})} |
                {c.reason for c in STEER_CASES} | {c.reason for c in KEEP_CASES} |
-               {R.PASS_DECAP, R.DROP_BAD_TUNNEL})
+               {R.PASS_DECAP, R.DROP_BAD_TUNNEL, R.DROP_TUNNEL_DEST})
     never = {R.PASS_NO_RULES, R.PASS_NO_PROGRAM}  # tested in test_lifecycle
     assert set(Reason) - never <= covered, f"no case for {set(Reason) - never - covered}"
     assert abi.REDIRECT_REASONS_MASK == 1 << R.REDIRECT_STEER

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
-from agent.loader import prepare_backbone
+from agent.backbone import TABLE, prepare_backbone, release_backbone
 from lab import netns
 from lab.netns import inside_netns
 
@@ -14,7 +15,7 @@ def _sysctl(path: str) -> str:
     return Path(f"/proc/sys/{path}").read_text().strip()
 
 
-def test_prepare_backbone_sets_forwarding_loose_rp_and_ipv6() -> None:
+def test_prepare_backbone_guards_forwarding_sets_loose_rp_and_ipv6() -> None:
     ns = f"pe{os.getpid()}bbp"
     try:
         netns.create(ns)
@@ -28,8 +29,12 @@ def test_prepare_backbone_sets_forwarding_loose_rp_and_ipv6() -> None:
             assert _sysctl("net/ipv4/conf/bb0/rp_filter") == "2"
             assert _sysctl("net/ipv4/conf/all/forwarding") == "0", "only the link forwards"
             assert _sysctl("net/ipv6/conf/bb0/disable_ipv6") == "0"
+            guard = subprocess.run(["nft", "list", "table", "inet", TABLE], capture_output=True,
+                                   text=True, check=True).stdout
+            assert 'iifname "bb0"' in guard and "drop" in guard and "hook forward" in guard
             again: list[str] = []
             prepare_backbone("bb0", lambda _name, detail: again.append(detail))
-        assert index > 0 and len(said) == 3 and again == []
+            assert release_backbone("bb0") and not release_backbone("bb0")
+        assert index > 0 and len(said) == 4 and again == [], said
     finally:
         netns.delete(ns)
