@@ -249,6 +249,17 @@ class Steering(Frozen):
             raise ValueError(f"dc: {self.dc!r} is listed in dcs with region {me.region} and "
                              f"backbone {me.backbone}, not {self.region} and "
                              f"{self.backbone_address}")
+        addrs = [d.backbone for d in self.dcs]
+        dup = sorted({a for a in addrs if addrs.count(a) > 1})
+        if dup:
+            raise ValueError(f"dcs: backbone address {', '.join(dup)} listed twice")
+        if "0.0.0.0" in addrs:
+            raise ValueError("dcs: 0.0.0.0 is not a backbone address")
+        homeless = sorted({s.region for s in self.services} - {d.region for d in self.dcs})
+        if homeless:
+            raise ValueError(f"services: region {', '.join(homeless)} has no DC (regions with "
+                             f"DCs: {', '.join(sorted({d.region for d in self.dcs}))}); a "
+                             "region whose DCs are all drained keeps them with enabled: false")
         regions = {d.region for d in self.dcs} | {s.region for s in self.services}
         if len(regions) > abi.REGIONS_MAX:
             raise ValueError(f"{len(regions)} regions; at most {abi.REGIONS_MAX}")
@@ -309,10 +320,19 @@ class NodeConfig(Frozen):
         return v
 
     @model_validator(mode="after")
-    def _services_fit(self) -> NodeConfig:
-        if self.steering and len(self.steering.services) > self.capacity.services:
-            raise ValueError(f"steering.services: {len(self.steering.services)} addresses; "
+    def _steering_fits(self) -> NodeConfig:
+        st = self.steering
+        if st is None:
+            return self
+        if len(st.services) > self.capacity.services:
+            raise ValueError(f"steering.services: {len(st.services)} addresses; "
                              f"capacity.services is {self.capacity.services}")
+        if self.public and self.interface == st.backbone_interface:
+            raise ValueError(f"steering.backbone_interface: {st.backbone_interface!r} is this "
+                             "link, whose role is public; the backbone link has role backbone")
+        if not self.public and self.interface != st.backbone_interface:
+            raise ValueError(f"steering.backbone_interface: {st.backbone_interface!r}, but this "
+                             f"backbone link is {self.interface!r}")
         return self
 
     @property

@@ -54,6 +54,7 @@ DCS = [
     {"name": "iad", "region": "us", "backbone": "198.18.0.3"},
     {"name": "tiny", "region": "small", "backbone": "198.18.0.8"},
     {"name": "lost", "region": "dark", "backbone": "198.18.0.9"},
+    {"name": "syd", "region": "ap", "backbone": "198.18.0.7", "enabled": False},
 ]
 SERVICES = [
     {"address": EU4, "region": "eu", "zone": "shop-eu"},
@@ -80,7 +81,8 @@ class Rig:
     dcs: list[dict] = field(default_factory=lambda: DCS)
 
     def rules(self, dc: str, role: str, dcs: list[dict] | None = None):
-        cfg = NodeConfig(interface="tr0", role=role, capacity=Capacity(maglev_slots=SLOTS),
+        link = "bb0" if role == "backbone" else "tr0"  # the backbone link is bb0
+        cfg = NodeConfig(interface=link, role=role, capacity=Capacity(maglev_slots=SLOTS),
                          bogons=(), deny={"prefixes": [f"{DENIED4}/32"]},
                          steering=steering(dc, dcs))
         return ruleset_from_config(cfg, backbone_ifindex=self.ifindex)
@@ -215,7 +217,7 @@ KEEP_CASES = [
              _tcp4(dst=US4), R.PASS_IN_REGION),
     KeepCase("shared_ip_not_steered", "the shared anycast IP is served everywhere",
              _tcp4(dst=SHARED4), R.PASS),
-    KeepCase("region_without_dc", "no DC in the region: dropped, not served here",
+    KeepCase("region_without_dc", "the region's only DC is drained: dropped, not served here",
              _tcp4(dst=NODC4), R.DROP_NO_REGION_DC),
     KeepCase("no_neighbour", "the in-region DC has no neighbour entry",
              _tcp4(dst=LOST4), R.DROP_STEER_FAIL),

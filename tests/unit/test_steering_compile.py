@@ -13,7 +13,8 @@ from agent.steering import compile_steering, drain, region_tables
 
 DCS = [{"name": "dus", "region": "eu", "backbone": "198.18.0.1"},
        {"name": "fra", "region": "eu", "backbone": "198.18.0.2"},
-       {"name": "iad", "region": "us", "backbone": "198.18.0.3"}]
+       {"name": "iad", "region": "us", "backbone": "198.18.0.3"},
+       {"name": "syd", "region": "ap", "backbone": "198.18.0.7", "enabled": False}]
 SVC = [{"address": "198.51.100.65", "region": "eu"},
        {"address": "2001:db8:100::65", "region": "eu"},
        {"address": "198.51.100.70", "region": "ap"}]
@@ -36,7 +37,7 @@ def test_compiled_maps() -> None:
     assert list(t.svc4_vals["region"]) == [1, 0] and list(t.svc6_vals["region"]) == [1]
     assert t.dcs[1]["bb_addr4"] == int(ipaddress.IPv4Address("198.18.0.2"))
     table = t.maglev.reshape(-1)
-    assert set(np.unique(table[0:251])) == {abi.MAGLEV_EMPTY}          # ap: no DC
+    assert set(np.unique(table[0:251])) == {abi.MAGLEV_EMPTY}          # ap: drained
     assert set(np.unique(table[251:502])) == {0, 1}                   # eu: dus, fra
     assert set(np.unique(table[502:753])) == {2}                      # us: iad
     assert len(t.maglev) % abi.MAGLEV_PER_WORD == 0
@@ -84,6 +85,10 @@ def test_drained_dc_gets_no_flows_in_region_tables() -> None:
     ({"dcs": [*DCS, DCS[0]]}, "names must be unique: dus repeated"),
     ({"services": [SVC[0], SVC[0]]}, "address 198.51.100.65 listed twice"),
     ({"backbone_address": "2001:db8::1"}, "is not an IPv4 address"),
+    ({"services": [{"address": "198.51.100.9", "region": "apac"}]},
+     "region apac has no DC (regions with DCs: ap, eu, us)"),
+    ({"dcs": [*DCS, {"name": "lax", "region": "us", "backbone": "198.18.0.3"}]},
+     "backbone address 198.18.0.3 listed twice"),
 ])
 def test_invalid_steering_is_named(change: dict, error: str) -> None:
     data = {"interface": "inet0", "steering": {
@@ -92,6 +97,19 @@ def test_invalid_steering_is_named(change: dict, error: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(data, "node.yaml")
     assert "node.yaml: steering" in str(e.value) and error in str(e.value)
+
+
+@pytest.mark.parametrize("link,error", [
+    ({"interface": "bb0"}, "'bb0' is this link, whose role is public"),
+    ({"interface": "eth9", "role": "backbone"}, "but this backbone link is 'eth9'"),
+])
+def test_link_role_matches_the_backbone_interface(link: dict, error: str) -> None:
+    data = {**link, "steering": {
+        "dc": "iad", "region": "us", "backbone_interface": "bb0",
+        "backbone_address": "198.18.0.3", "dcs": DCS, "services": SVC}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(data, "node.yaml")
+    assert error in str(e.value)
 
 
 def test_maglev_slots_must_be_prime() -> None:
