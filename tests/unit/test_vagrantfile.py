@@ -113,6 +113,8 @@ def test_vm_networks_follow_the_topology(vms) -> None:
             assert net["libvirt__network_name"] == net["virtualbox__intnet"]
             assert net["libvirt__mtu"] == seg.mtu
             assert net["virtualbox__mac"] == net["mac"].replace(":", "")
+            # Native XDP needs virtio-net on both providers.
+            assert net["virtualbox__nic_type"] == net["libvirt__model_type"] == "virtio"
             macs.add(net["mac"])
     assert len(macs) == sum(len(n.links) for n in topo.nodes)
 
