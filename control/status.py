@@ -115,11 +115,11 @@ def render(s: dict, all_reasons: bool = False) -> str:
                      f"{to or 'none yet'}")
     lines += [
         "",
-        f"  {'verdict':<7} {'reason':<14} {'packets':>10} {'bytes':>10} {'pps':>10}",
+        f"  {'verdict':<8} {'reason':<17} {'packets':>10} {'bytes':>10} {'pps':>10}",
     ]
     for c in s["counters"]:
         if c["packets"] or all_reasons:
             pps = "" if c["pps"] is None else _num(c["pps"])
-            lines.append(f"  {c['verdict']:<7} {c['reason']:<14} {_num(c['packets']):>10} "
+            lines.append(f"  {c['verdict']:<8} {c['reason']:<17} {_num(c['packets']):>10} "
                          f"{_num(c['bytes']):>10} {pps:>10}")
     return "\n".join(lines)
