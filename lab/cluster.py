@@ -628,6 +628,22 @@ class Lab:
             self._stop_agent(dc, pid)
         return self.up(agents=True)
 
+    def _remove_state(self, dcs: Sequence[str]) -> None:
+        """The whole state dir when it is the lab's own (the default place,
+        or recorded as this lab's); in a directory the user named, only
+        what the lab writes there, so `--state-dir ~` cannot lose a home."""
+        own = (self.state_dir.parent == STATE_ROOT
+               or self._recorded().get("prefix") == self.prefix)
+        if own:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            return
+        for name in ("pki", *dcs, *self.topology.dc_names()):
+            shutil.rmtree(self.state_dir / name, ignore_errors=True)
+        for name in ("lab.json", "topology.yaml", ".lock"):
+            (self.state_dir / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.state_dir.rmdir()  # only if nothing else is in it
+
     def _stop_agent(self, dc: str, pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + AGENT_STOP_TIMEOUT
@@ -719,7 +735,7 @@ class Lab:
                 netns.delete(name)
                 removed.append(f"namespace {name}")
         if self.state_dir.exists():
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            self._remove_state(dcs)
             removed.append(str(self.state_dir))
         if self.state_dir.parent == STATE_ROOT:
             with contextlib.suppress(OSError):

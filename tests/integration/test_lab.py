@@ -307,3 +307,17 @@ def test_namespaces_of_someone_else_are_left_alone() -> None:
     finally:
         netns.remove(other)
         shutil.rmtree(lab.state_dir, ignore_errors=True)
+
+
+def test_down_in_a_users_directory_removes_only_the_labs_files(tmp_path) -> None:
+    """With --state-dir pointing at a directory of the user's and the record
+    lost, down removes the lab's namespaces and files and nothing else."""
+    (tmp_path / "precious.txt").write_text("mine")
+    other = Lab(load_topology(), prefix=f"u{os.getpid() % 100000}-", state_dir=tmp_path)
+    try:
+        other.up(agents=False)
+        (tmp_path / "lab.json").unlink()
+    finally:
+        other.down()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+    assert not [n for n in netns.listnetns() if n.startswith(other.prefix)]
