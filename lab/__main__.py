@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="interface of a segment: IFNAME or mac:MAC; once per segment")
     pr.add_argument("--via", metavar="DC", help="route anycast via DC instead of the topology's")
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--vm", action="store_true",
+                    help="this machine is a lab VM: provision its own network (never the "
+                         "NIC with the default route)")
     ge = sub.add_parser("generate", parents=[common],
                         help="write a DC's agent configs for a machine of its own (a VM)")
     ge.add_argument("dc")
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 specs = _ifmap(args.ifs)
             except argparse.ArgumentTypeError as e:
                 p.error(str(e))
-            changes = provision(topology, args.host, resolve_ifmap(specs), anycast_via=args.via)
+            changes = provision(topology, args.host, resolve_ifmap(specs), anycast_via=args.via,
+                                vm=args.vm)
             if args.json:
                 print(json.dumps({"host": args.host, "changes": changes}))
             else:

@@ -187,8 +187,34 @@ def _tx_checksums(ifname: str, changes: list[str]) -> None:
     changes.append(f"tx checksum offload off on {ifname}")
 
 
+def in_named_netns() -> bool:
+    """Is this thread in a named network namespace (one under /run/netns)?
+
+    Anything else counts as the machine's own network. Fails closed: what
+    cannot be read is not a lab namespace.
+    """
+    try:
+        here = os.stat("/proc/thread-self/ns/net")
+        return any(os.stat(entry).st_ino == here.st_ino and os.stat(entry).st_dev == here.st_dev
+                   for entry in Path("/run/netns").iterdir())
+    except OSError:
+        return False
+
+
+def _refuse_default_route_links(ipr, index: Mapping[str, int]) -> None:
+    """The lab never touches the interface this machine reaches the world by."""
+    for route in (*ipr.get_routes(family=socket.AF_INET, dst_len=0),
+                  *ipr.get_routes(family=socket.AF_INET6, dst_len=0)):
+        oif = route.get_attr("RTA_OIF")
+        for seg, i in index.items():
+            if oif == i:
+                name = ipr.get_links(i)[0].get_attr("IFLA_IFNAME")
+                raise LabError(f"{name} (segment {seg}) carries this machine's default route; "
+                               "the lab never changes it: name the lab NIC (--if SEG=mac:MAC)")
+
+
 def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
-              anycast_via: str | None = None) -> list[str]:
+              anycast_via: str | None = None, vm: bool = False) -> list[str]:
     """Provision `host` in the current network namespace; return what changed.
 
     `ifmap` maps each segment the host is on to its interface here
@@ -208,6 +234,10 @@ def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
     via = anycast_via or node.anycast_via
     if via is not None:
         topology.dc(via)
+    if not vm and not in_named_netns():
+        raise LabError("this is not a lab namespace but the machine's own network: "
+                       "provisioning changes sysctls, addresses and routes, so it runs only in "
+                       "a lab namespace or, with --vm, on a VM made for the lab")
     changes: list[str] = []
     with IPRoute() as ipr:
         index = {}
@@ -217,6 +247,7 @@ def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
                 have = ", ".join(lk.get_attr("IFLA_IFNAME") for lk in ipr.get_links())
                 raise LabError(f"{host}: no interface {ifname} for segment {seg} (have: {have})")
             index[seg] = found[0]
+        _refuse_default_route_links(ipr, index)
 
         # Sysctls first. Writing ip_forward resets every device's forwarding
         # flag, so it goes before bb0's; it is only written if it is not 0.

@@ -321,3 +321,33 @@ def test_down_in_a_users_directory_removes_only_the_labs_files(tmp_path) -> None
         other.down()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
     assert not [n for n in netns.listnetns() if n.startswith(other.prefix)]
+
+
+def _in_anonymous_netns(script: str) -> subprocess.CompletedProcess:
+    """Run a shell script in a throwaway network namespace (unshare, not under
+    /run/netns): to provisioning it looks like a machine's own network, and
+    if a guard failed, only that namespace would change."""
+    return subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_provision_refuses_the_machines_own_network() -> None:
+    """Outside a lab namespace, without --vm, provisioning changes nothing."""
+    r = _in_anonymous_netns(f"{sys.executable} -m lab provision client --if inet=lo; "
+                            "echo rc=$?; ip -o addr show lo")
+    assert "rc=1" in r.stdout, r.stdout + r.stderr
+    assert "not a lab namespace but the machine's own network" in r.stderr
+    assert "203.0.113.10" not in r.stdout
+
+
+def test_provision_never_takes_the_default_route_nic() -> None:
+    """Even with --vm, the NIC a machine reaches the world by is refused."""
+    r = _in_anonymous_netns(
+        "ip link add up0 type veth peer name up1 && ip link set up0 up && "
+        "ip addr add 192.0.2.2/24 dev up0 && ip route add default via 192.0.2.1 && "
+        f"{sys.executable} -m lab provision client --vm --if inet=up0; echo rc=$?; "
+        "ip -o addr show up0")
+    assert "rc=1" in r.stdout, r.stdout + r.stderr
+    assert "up0 (segment inet) carries this machine's default route" in r.stderr
+    assert "203.0.113.10" not in r.stdout
