@@ -188,9 +188,9 @@ def _generate(p: argparse.ArgumentParser, topology, args) -> int:
                     status_socket=str(Path(args.run_dir) / "l7.sock"))
     for name in write_configs(args.out, dc_configs(topology, args.dc, paths)):
         print(f"wrote {args.out / name}")
-    if args.make_pki and pki_missing(topology, certs):
+    if args.make_pki and pki_missing(topology, certs, args.dc):
         from lab.certs import make_lab_pki
-        make_lab_pki(certs, pki_zones(topology))
+        make_lab_pki(certs, pki_zones(topology, args.dc))
         print(f"made the lab PKI in {certs}")
     return 0
 

@@ -115,15 +115,20 @@ def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
     return out
 
 
-def pki_zones(topology: Topology) -> dict[str, list[str]]:
-    """Zone name -> host names, what lab.certs.make_lab_pki issues certificates for."""
-    return {z.name: list(z.hostnames) for z in topology.zones}
+def pki_zones(topology: Topology, dc: str | None = None) -> dict[str, list[str]]:
+    """Zone name -> host names, what lab.certs.make_lab_pki issues certificates
+    for: every zone for the shared PKI of the namespace lab, or only the zones
+    `dc` may serve (global ones and its region's) for a DC of its own (a VM),
+    so a regional zone's key never exists on a machine outside its region."""
+    region = topology.dc(dc).region if dc else None
+    return {z.name: list(z.hostnames) for z in topology.zones
+            if dc is None or z.region is None or z.region == region}
 
 
-def pki_missing(topology: Topology, certs: Path) -> bool:
+def pki_missing(topology: Topology, certs: Path, dc: str | None = None) -> bool:
     """True if the CA or a zone's certificate is not in `certs` yet
     (make_lab_pki then issues them, reusing a CA that is there)."""
-    names = ["ca.crt", *(f"{z}.crt" for z in pki_zones(topology))]
+    names = ["ca.crt", *(f"{z}.crt" for z in pki_zones(topology, dc))]
     return not all((certs / n).exists() for n in names)
 
 

@@ -346,3 +346,14 @@ def test_cli_generate_issues_missing_certificates_once(tmp_path) -> None:
     ca = (certs / "ca.crt").read_bytes()
     assert main(argv) == 0
     assert (certs / "shop-eu.crt").exists() and (certs / "ca.crt").read_bytes() == ca
+
+
+def test_a_dc_of_its_own_gets_only_the_keys_it_may_serve() -> None:
+    """On VMs each DC has its own PKI directory: the EU zone's key is issued
+    to dus and fra, never to iad; the shared namespace lab issues all."""
+    from lab.agents import pki_zones
+
+    topo = load_topology()
+    assert set(pki_zones(topo)) == {"www", "shop-eu"}
+    assert set(pki_zones(topo, "dus")) == {"www", "shop-eu"}
+    assert set(pki_zones(topo, "iad")) == {"www"}
