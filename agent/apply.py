@@ -14,7 +14,7 @@ from agent import libbpf as lb
 from agent.compile import compile_rules
 from agent.generation import KINDS, apply_compiled, close_all, live_inner_fds
 from agent.live import apply_live
-from agent.maps import exact_buckets
+from agent.maps import inner_entries
 from agent.node import Node, NodeError
 from agent.prefixes import PrefixTables
 from agent.rules import RuleSet
@@ -24,28 +24,36 @@ LIMITS_ONLY = ("params",)
 L4_ONLY = ("params", "l4ports")
 
 
-def check_exact_size(node: Node, rules: RuleSet) -> None:
-    """The exact table's size is fixed when a node is built (its lookups are
-    inlined for it); a capacity that asks for another size needs a rebuild."""
+# Array inner maps whose size is fixed when a node is built (their lookups
+# are inlined for that size): setting -> kind.
+FIXED_SIZES = {"deny4_exact": "d4exact", "maglev_slots": "maglev"}
+
+
+def check_fixed_sizes(node: Node, rules: RuleSet) -> None:
+    """A capacity that asks for another size of a fixed-size map (the exact
+    table, the Maglev tables) needs the node rebuilt; say so by name."""
+    kinds = tuple(FIXED_SIZES.values())
     try:
-        fds = live_inner_fds(node, ("d4exact",))
+        fds = live_inner_fds(node, kinds)
     except lb.BpfError:
         return  # no generation yet: the node was just built from this capacity
     try:
-        have = lb.map_info(fds["d4exact"]).max_entries
+        have = {kind: lb.map_info(fds[kind]).max_entries for kind in kinds}
     finally:
         close_all(fds)
-    want = exact_buckets(rules.capacity.deny4_exact)
-    if have != want:
-        raise NodeError(f"capacity.deny4_exact {rules.capacity.deny4_exact:,} needs an exact "
-                        f"table of {want:,} buckets, but {node.ifname} was built with {have:,}; "
-                        f"run `privedge-agent detach {node.ifname}` and start again to resize")
+    for setting, kind in FIXED_SIZES.items():
+        want = inner_entries(kind, rules.capacity)
+        if have[kind] != want:
+            value = getattr(rules.capacity, setting)
+            raise NodeError(f"capacity.{setting} {value:,} needs a {kind} map of {want:,} "
+                            f"entries, but {node.ifname} was built with {have[kind]:,}; run "
+                            f"`privedge-agent detach {node.ifname}` and start again to resize")
 
 
 def apply_generation(node: Node, rules: RuleSet,
                      kinds: tuple[str, ...] = KINDS) -> dict[str, object]:
     """Compile, build and swap in a new generation; returns a report."""
-    check_exact_size(node, rules)
+    check_fixed_sizes(node, rules)
     t0 = time.perf_counter()
     generation = node.active().generation + 1
     compiled = compile_rules(rules, generation)

@@ -378,3 +378,22 @@ def test_reasons_all_have_a_case() -> None:
     never = {R.PASS_NO_RULES, R.PASS_NO_PROGRAM}  # tested in test_lifecycle
     assert set(Reason) - never <= covered, f"no case for {set(Reason) - never - covered}"
     assert abi.REDIRECT_REASONS_MASK == 1 << R.REDIRECT_STEER
+
+
+def test_a_new_maglev_size_needs_a_rebuild_and_says_so() -> None:
+    """The Maglev array's size is fixed when a node is built; asking for
+    another is refused by name and changes nothing."""
+    from agent.node import NodeError
+
+    edge = EdgeUnderTest("steer-size", Capacity(maglev_slots=SLOTS))
+    try:
+        cfg = NodeConfig(interface="tr0", role="public", capacity=Capacity(maglev_slots=SLOTS),
+                         bogons=(), steering=steering("iad"))
+        edge.apply(ruleset_from_config(cfg))
+        gen = edge.node.active().generation
+        bigger = cfg.model_copy(update={"capacity": Capacity(maglev_slots=257)})
+        with pytest.raises(NodeError, match=r"capacity\.maglev_slots 257 needs a maglev map"):
+            edge.apply(ruleset_from_config(bigger))
+        assert edge.node.active().generation == gen
+    finally:
+        edge.close()
