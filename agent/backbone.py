@@ -18,6 +18,8 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable
 
+from pyroute2 import IPRoute
+
 from agent import xdp_link
 from agent.node import NodeError
 
@@ -86,6 +88,25 @@ def prepare_backbone(ifname: str, phase: Phase) -> int:
     for change in changes:
         phase("steering", f"{ifname}: {change}")
     return index
+
+
+def mtu(ifname: str) -> int:
+    """The link's MTU, asked over netlink: /sys may show another namespace."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise NodeError(f"no interface {ifname}")
+        return int(ipr.get_links(found[0])[0].get_attr("IFLA_MTU"))
+
+
+def check_mtu(public: str, backbone: str, phase: Phase) -> None:
+    """Warn when a full-size packet from the internet link cannot cross the
+    backbone in its 20-byte tunnel: the program drops those as too_big."""
+    inner, outer = mtu(public), mtu(backbone)
+    if outer < inner + 20:
+        phase("steering", f"WARNING: {backbone} MTU {outer} is under {public} MTU {inner} + 20: "
+                          "full-size packets for other regions will be dropped (too_big); "
+                          f"raise {backbone}'s MTU to {inner + 20} or more")
 
 
 def release_backbone(ifname: str) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from agent import abi, catalog, xdp_link
 from agent import libbpf as lb
 from agent.apply import apply_generation
-from agent.backbone import prepare_backbone, release_backbone
+from agent.backbone import check_mtu, prepare_backbone, release_backbone
 from agent.bcc_build import load, pin_program
 from agent.config import Capacity, NodeConfig
 from agent.node import PROG_EDGE, PROG_ROOT, Node, NodeError, ensure_bpffs
@@ -113,6 +113,8 @@ def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
         phase("steering", f"dc {cfg.steering.dc} (region {cfg.steering.region}), "
                           f"backbone {cfg.steering.backbone_interface}")
         backbone = prepare_backbone(cfg.steering.backbone_interface, phase)
+        if cfg.public:
+            check_mtu(cfg.interface, cfg.steering.backbone_interface, phase)
     phase("bpffs", "/sys/fs/bpf")
     ensure_bpffs()
     node = Node(cfg.interface, cfg.bpffs, cfg.run_dir)

@@ -90,11 +90,20 @@ class Zone(Frozen):
     name: Name
     hostnames: tuple[Hostname, ...] = Field(min_length=1)
     region: Name | None = None       # None: global, any DC may inspect it
-    addresses: tuple[Address, ...] = ()  # dedicated IPs (required in practice if regional)
+    addresses: tuple[Address, ...] = ()  # dedicated IPs; a regional zone needs them
 
     @property
     def regional(self) -> bool:
         return self.region is not None
+
+    @model_validator(mode="after")
+    def _regional_needs_addresses(self) -> Zone:
+        # XDP steers by destination address only: without dedicated IPs a
+        # regional zone could never reach its region from elsewhere.
+        if self.region is not None and not self.addresses:
+            raise ValueError(f"zone {self.name!r} is restricted to region {self.region}, so it "
+                             "needs dedicated addresses (steering goes by address)")
+        return self
 
 
 class ServeConfig(Frozen):

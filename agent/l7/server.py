@@ -121,6 +121,14 @@ def parse_request_head(data: bytes) -> RequestHead:
             hosts.append(value)
     if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
         raise BadRequest("HTTP/1.1 needs exactly one Host header")
+    # An absolute-form target names the host that counts (RFC 9112 3.2.2):
+    # it must be the Host header's, or the zone check could be bypassed.
+    if not target.startswith(b"/") and target != b"*":
+        scheme, sep, rest = target.partition(b"://")
+        authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
+        if not sep or scheme.lower() not in (b"http", b"https") or \
+                not hosts or authority.lower() != hosts[0].lower():
+            raise BadRequest("absolute-form target that is not the Host's")
     host = hosts[0].decode("latin-1") if hosts else None
     return RequestHead(method.decode("ascii"), version.decode("ascii"), host)
 

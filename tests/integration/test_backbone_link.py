@@ -6,7 +6,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from agent.backbone import TABLE, prepare_backbone, release_backbone
+from agent.backbone import TABLE, check_mtu, prepare_backbone, release_backbone
 from lab import netns
 from lab.netns import inside_netns
 
@@ -36,5 +36,23 @@ def test_prepare_backbone_guards_forwarding_sets_loose_rp_and_ipv6() -> None:
             prepare_backbone("bb0", lambda _name, detail: again.append(detail))
             assert release_backbone("bb0") and not release_backbone("bb0")
         assert index > 0 and len(said) == 4 and again == [], said
+    finally:
+        netns.delete(ns)
+
+
+def test_a_backbone_too_small_for_the_tunnel_is_named() -> None:
+    ns = f"pe{os.getpid()}mtu"
+    try:
+        netns.create(ns)
+        netns.veth(ns, "inet0", ns, "inetp")
+        netns.veth(ns, "bb0", ns, "bbpeer")
+        said: list[str] = []
+        with inside_netns(ns):
+            check_mtu("inet0", "bb0", lambda _name, detail: said.append(detail))
+            assert said and "bb0 MTU 1500 is under inet0 MTU 1500 + 20" in said[0]
+            netns.run(ns, ["ip", "link", "set", "bb0", "mtu", "1520"])
+            said.clear()
+            check_mtu("inet0", "bb0", lambda _name, detail: said.append(detail))
+            assert said == []
     finally:
         netns.delete(ns)

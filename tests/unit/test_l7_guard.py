@@ -96,6 +96,8 @@ def _zones(*extra: dict) -> list[dict]:
     ({"zones": _zones({"name": "dup", "hostnames": ["d.example"],
                        "addresses": ["198.51.100.9", "::ffff:198.51.100.65"]})},
      "zones[2].addresses[1]: '198.51.100.65': already an address of zones[0]"),
+    ({"zones": _zones({"name": "eu2", "hostnames": ["e.example"], "region": "eu"})},
+     "zones[2]: zone 'eu2' is restricted to region eu, so it needs dedicated addresses"),
     ({"zones": _zones({"name": "bad", "hostnames": ["b.example"], "addresses": ["300.1.1.1"]})},
      "zones[2].addresses[0]: '300.1.1.1': '300.1.1.1' is not an IPv4 or IPv6 address"),
     ({"zones": _zones({"name": "bad", "hostnames": ["under_score.example"]})},

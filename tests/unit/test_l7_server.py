@@ -384,6 +384,9 @@ def test_parse_request_head_keeps_only_method_version_host() -> None:
     assert (head.method, head.version, head.host) == ("GET", "HTTP/1.1", "WWW.example.com")
     assert "private" not in repr(head) and "secret" not in repr(head)
     assert parse_request_head(b"GET / HTTP/1.0\r\n\r\n").host is None
+    same = parse_request_head(b"GET https://WWW.example.com/x HTTP/1.1\r\n"
+                              b"Host: www.example.com\r\n\r\n")
+    assert same.host == "www.example.com"  # absolute form naming the Host's own name
 
 
 @pytest.mark.parametrize("data", [
@@ -397,6 +400,9 @@ def test_parse_request_head_keeps_only_method_version_host() -> None:
     b"GET / HTTP/1.1\r\nHost: a\x01\r\n\r\n",                # control character
     b"GET / HTTP/1.1\r\nHost: a\r\n\tfolded\r\n\r\n",         # obs-fold
     b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * HEAD_MAX + b"\r\n\r\n",  # too large
+    b"GET https://shop.example.eu/ HTTP/1.1\r\nHost: www.example.com\r\n\r\n",  # other host
+    b"GET ftp://a/ HTTP/1.1\r\nHost: a\r\n\r\n",           # absolute form, odd scheme
+    b"GET a/b HTTP/1.1\r\nHost: a\r\n\r\n",                # neither origin nor absolute
 ])
 def test_parse_request_head_is_strict(data: bytes) -> None:
     with pytest.raises(BadRequest):
