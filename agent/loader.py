@@ -83,6 +83,9 @@ def ensure_state(node: Node, cap: Capacity, phase: Phase = _quiet) -> bool:
             raise
     else:
         phase("state", f"adopting {node.pin_dir}")
+        added = node.add_missing_maps(cap)
+        if added:
+            phase("state", f"added the maps of this version: {', '.join(added)}")
     node.open()
     return created
 

@@ -97,9 +97,10 @@ class Node:
         tmp.mkdir()
         return tmp
 
-    def create_outers(self, directory: Path, cap: Capacity) -> None:
+    def create_outers(self, directory: Path, cap: Capacity,
+                      kinds: tuple[str, ...] = tuple(INNER)) -> None:
         """The outer map-in-maps, each with its inner template, pinned in `directory`."""
-        for kind in INNER:
+        for kind in kinds:
             tmpl = create_inner(kind, inner_entries(kind, cap))
             try:
                 spec = OUTERS[kind]
@@ -111,6 +112,29 @@ class Node:
                     os.close(fd)
             finally:
                 os.close(tmpl)
+
+    def add_missing_maps(self, cap: Capacity) -> list[str]:
+        """Pin the maps a newer version added that these pins lack (an
+        upgrade in place): outers with their templates, and plain maps of
+        fixed size. Their slots stay empty until the next generation, which
+        the running program does not miss: it never reads them."""
+        added = []
+        missing = [k for k, spec in OUTERS.items() if not (self.pin_dir / spec.name).exists()]
+        if missing:
+            self.create_outers(self.pin_dir, cap, tuple(missing))
+            added += [OUTERS[k].name for k in missing]
+        for spec in PLAIN.values():
+            path = self.pin_dir / spec.name
+            if path.exists() or spec.entries is None or spec.map_type == lb.MapType.PROG_ARRAY:
+                continue
+            fd = lb.map_create(spec.map_type, spec.name, spec.key_size, spec.value_size,
+                               spec.entries, spec.flags)
+            try:
+                lb.obj_pin(fd, str(path))
+            finally:
+                os.close(fd)
+            added.append(spec.name)
+        return added
 
     def commit(self, staging: Path) -> None:
         """Rename a finished staging directory into place."""

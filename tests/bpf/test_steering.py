@@ -397,3 +397,35 @@ def test_a_new_maglev_size_needs_a_rebuild_and_says_so() -> None:
         assert edge.node.active().generation == gen
     finally:
         edge.close()
+
+
+def test_pins_of_an_older_version_are_upgraded_in_place() -> None:
+    """A node pinned before steering existed (no pe_steer_v1, pe_maglev_v1,
+    pe_steered_v1, ...) is adopted without a detach: the agent pins the new
+    maps, swaps the new program in, and the next generation steers."""
+    from agent.loader import ensure_state, upgrade_edge
+    from agent.maps import OUTERS, PLAIN
+
+    edge = EdgeUnderTest("steer-old", Capacity(maglev_slots=SLOTS))
+    ns = f"pe{os.getpid()}old"
+    try:
+        new = [OUTERS[k].name for k in ("steer", "dcs", "svc4", "svc6", "maglev")]
+        new.append(PLAIN["steered"].name)
+        edge.node.close()
+        for name in new:
+            os.unlink(edge.node.pin_dir / name)
+        said: list[str] = []
+        with edge.node.lock():
+            assert not ensure_state(edge.node, edge.cap, lambda _n, d: said.append(d))
+            upgrade_edge(edge.node, edge.cap)
+        assert any(all(n in d for n in new) for d in said), said
+        _, ifindex = fibrig.create(ns)
+        cfg = NodeConfig(interface="tr0", role="public", capacity=edge.cap, bogons=(),
+                         steering=steering("iad"))
+        edge.apply(ruleset_from_config(cfg, backbone_ifindex=ifindex))
+        with inside_netns(ns):
+            out = edge.run(raw(eth() / _tcp4()))
+        assert out.verdict == XdpAction.REDIRECT
+    finally:
+        edge.close()
+        netns.delete(ns)
