@@ -49,6 +49,15 @@ def _prefix(value: str) -> str:
 PrefixText = Annotated[str, AfterValidator(_prefix)]
 
 
+def _ifname(value: str) -> str:
+    if not IFNAME_RE.match(value):
+        raise ValueError(f"{value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+IfName = Annotated[str, AfterValidator(_ifname)]
+
+
 class PortRange(Frozen):
     lo: int = Field(ge=0, le=65535)
     hi: int = Field(ge=0, le=65535)
@@ -222,17 +231,10 @@ class Steering(Frozen):
 
     dc: str = Field(pattern=NAME_RE)
     region: str = Field(pattern=NAME_RE)
-    backbone_interface: str
+    backbone_interface: IfName
     backbone_address: IPv4Text
     dcs: tuple[SteeringDc, ...]
     services: tuple[Service, ...] = ()
-
-    @field_validator("backbone_interface")
-    @classmethod
-    def _ifname(cls, v: str) -> str:
-        if not IFNAME_RE.match(v):
-            raise ValueError(f"{v!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
-        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> Steering:
@@ -278,7 +280,7 @@ class Steering(Frozen):
 class NodeConfig(Frozen):
     """One edge interface: where to attach and which rules to enforce."""
 
-    interface: str
+    interface: IfName
     role: Literal["public", "backbone"] = "public"
     netns: str | None = None
     bpffs: str = "/sys/fs/bpf/privedge"
@@ -290,13 +292,6 @@ class NodeConfig(Frozen):
     deny: DenyConfig = DenyConfig()
     l4_rules: tuple[L4Rule, ...] = DEFAULT_L4_RULES
     steering: Steering | None = None
-
-    @field_validator("interface")
-    @classmethod
-    def _ifname(cls, v: str) -> str:
-        if not IFNAME_RE.match(v):
-            raise ValueError(f"{v!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
-        return v
 
     @field_validator("bogons", mode="before")
     @classmethod
@@ -364,7 +359,9 @@ def parse_config(data: object, source: str = "<config>") -> NodeConfig:
         raise ConfigError(_format_errors(source, e, data)) from None
 
 
-def load_config(path: str | Path) -> NodeConfig:
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file's top-level mapping; ConfigError names the file, and the
+    line and column of a syntax error."""
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
@@ -376,4 +373,8 @@ def load_config(path: str | Path) -> NodeConfig:
         raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-    return parse_config(data, str(p))
+    return data
+
+
+def load_config(path: str | Path) -> NodeConfig:
+    return parse_config(read_yaml_mapping(path), str(path))

@@ -44,6 +44,34 @@ class Sample:
         return self.packets / max(self.cpu_ns, 1) * 1e3
 
 
+def pin_napi_thread(ifname: str, cpu: int = RX_CPU) -> int:
+    """PID of the threaded NAPI kthread of `ifname` (named napi/<ifname>-<id>),
+    pinned to `cpu`. The name must be unique among all namespaces' threads."""
+    prefix = f"napi/{ifname}-"
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith(prefix):
+                os.sched_setaffinity(int(pid), {cpu})
+                return int(pid)
+    raise RuntimeError(f"no NAPI thread for {ifname}; is threaded NAPI on?")
+
+
+def start_generator(ns: str, ifindex: int, dst_mac: str) -> subprocess.Popen:
+    """bench/gen.py in namespace `ns`, sending out of `ifindex` to `dst_mac`,
+    pinned to GEN_CPU; returns once it is ready for requests."""
+    gen = netns.popen(ns, netns.python("bench.gen", "--ifindex", str(ifindex), "--dst-mac",
+                                       dst_mac, "--cpu", str(GEN_CPU)),
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    if json.loads(gen.stdout.readline()).get("ready") is not True:
+        gen.kill()
+        raise RuntimeError("the generator did not start")
+    return gen
+
+
 class VethRig:
     def __init__(self) -> None:
         tag = secrets.token_hex(3)
@@ -69,11 +97,7 @@ class VethRig:
         with NetNS(self.g) as g:
             self.g_ifindex = g.link_lookup(ifname="g0")[0]
 
-        self.gen = netns.popen(self.g, netns.python(
-            "bench.gen", "--ifindex", str(self.g_ifindex), "--dst-mac", self.mac,
-            "--cpu", str(GEN_CPU)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if json.loads(self.gen.stdout.readline()).get("ready") is not True:
-            raise RuntimeError("the generator did not start")
+        self.gen = start_generator(self.g, self.g_ifindex, self.mac)
 
     def down(self) -> None:
         gen = getattr(self, "gen", None)
@@ -101,17 +125,7 @@ class VethRig:
                                                     ("IFLA_XDP_FLAGS", XDP_FLAGS_DRV_MODE)]})
 
     def napi_thread(self) -> int:
-        prefix = f"napi/{self.ifname}-"
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    continue
-                if comm.startswith(prefix):
-                    os.sched_setaffinity(int(pid), {RX_CPU})
-                    return int(pid)
-        raise RuntimeError(f"no NAPI thread for {self.ifname}; is threaded NAPI on?")
+        return pin_napi_thread(self.ifname)
 
     def _xdp_packets(self) -> int:
         """Frames the veth's NAPI took off its ring (with or without a program)."""

@@ -46,12 +46,13 @@ from agent.node import Node
 from agent.rules import ruleset_from_config
 from agent.standalone import StandaloneNode
 from agent.steering import drain
+from bench.e2e import GEN_CPU, RX_CPU, pin_napi_thread, start_generator
 from bench.testrun import load
 from lab import fibrig, netns
 
 RESULTS = Path(__file__).resolve().parent / "results" / "steer.json"
 EU4, WWW4, CLIENT4 = "198.51.100.65", "198.51.100.10", "203.0.113.20"
-BENCH_CPU, RX_CPU = 0, 1
+BENCH_CPU = GEN_CPU  # the bench's own process keeps off the receiving CPU
 
 
 def log(msg: str) -> None:
@@ -205,27 +206,11 @@ class LabForward:
         from pyroute2 import NetNS
         with NetNS(ns_cust) as c:
             gen_ifindex = c.link_lookup(ifname="inet0")[0]
-        self.gen = netns.popen(ns_cust, netns.python(
-            "bench.gen", "--ifindex", str(gen_ifindex), "--dst-mac", netns.mac(ns_iad, "inet0"),
-            "--cpu", str(BENCH_CPU)), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if json.loads(self.gen.stdout.readline()).get("ready") is not True:
-            raise RuntimeError("the generator did not start")
-
-    def napi_thread(self) -> int:
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                try:
-                    comm = Path(f"/proc/{pid}/comm").read_text().strip()
-                except OSError:
-                    continue
-                if comm.startswith("napi/inet0-"):
-                    os.sched_setaffinity(int(pid), {RX_CPU})
-                    return int(pid)
-        raise RuntimeError("no threaded NAPI for iad's inet0")
+        self.gen = start_generator(ns_cust, gen_ifindex, netns.mac(ns_iad, "inet0"))
 
     def sample(self, dst: str, count: int) -> dict:
         reason = 22 if dst == EU4 else 0  # REDIRECT_STEER or PASS
-        pid = self.napi_thread()
+        pid = pin_napi_thread("inet0", RX_CPU)  # only iad's inet0 runs threaded
         c0, d0 = self.iad.counters()[reason].packets, self._decapped()
         t0, cpu0 = _thread_ns(pid), _cpu_busy_ns(RX_CPU)
         self.gen.stdin.write(json.dumps({"mode": 0, "entries": 1, "count": count,

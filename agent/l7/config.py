@@ -25,10 +25,9 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-import yaml
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, model_validator
 
-from agent.config import ConfigError, Frozen, _format_errors
+from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
 
 __all__ = ["REFUSE", "ConfigError", "ServeConfig", "Zone", "load_serve_config",
            "normalise_ip", "parse_serve_config"]
@@ -189,15 +188,4 @@ def parse_serve_config(data: object, source: str = "<serve config>") -> ServeCon
 
 def load_serve_config(path: str | Path) -> ServeConfig:
     """Read and validate a serve config file; ConfigError says what and where."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
-    return parse_serve_config(data, str(p))
+    return parse_serve_config(read_yaml_mapping(path), str(path))
