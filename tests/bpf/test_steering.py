@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw, raw
@@ -261,6 +261,34 @@ def test_decap(rig: Rig, inner) -> None:
     assert out.verdict == XdpAction.PASS
     ethertype = 0x0800 if IP in inner and inner.version == 4 else 0x86DD
     want = raw(Ether(src="02:00:00:00:bb:03", dst="02:00:00:00:bb:01", type=ethertype) / inner)
+    assert out.data == want, f"got {Ether(out.data)!r}"
+
+
+def test_steer_strips_two_vlan_tags(rig: Rig) -> None:
+    """QinQ in front of the packet: the tunnel header takes their place."""
+    from scapy.layers.l2 import Dot1AD
+
+    inner = _tcp4()
+    frame = raw(Ether(src=CLIENT_MAC, dst=EDGE_MAC) / Dot1AD(vlan=5) / Dot1Q(vlan=7) / inner)
+    out, deltas = run(rig.iad, frame)
+    assert deltas == {R.REDIRECT_STEER: 1} and out.verdict == XdpAction.REDIRECT
+    assert out.data == tunnelled(rig, inner, rig.choose(CLIENT4, EU4, 6, 40000, 443))
+
+
+@pytest.mark.parametrize("outer", [
+    pytest.param(lambda inner: Ether(src="02:00:00:00:bb:03", dst="02:00:00:00:bb:01") /
+                 Dot1Q(vlan=9) / IP(src="198.18.0.3", dst="198.18.0.1", proto=4) / inner,
+                 id="outer_vlan"),
+    pytest.param(lambda inner: Ether(src="02:00:00:00:bb:03", dst="02:00:00:00:bb:01") /
+                 IP(src="198.18.0.3", dst="198.18.0.1", proto=4,
+                    options=[IPOption_NOP()] * 8) / inner,
+                 id="outer_ip_options"),
+])
+def test_decap_strips_whatever_precedes_the_inner_packet(rig: Rig, outer) -> None:
+    inner = _tcp4()
+    out, deltas = run(rig.dus, raw(outer(inner)))
+    assert deltas == {R.PASS_DECAP: 1}
+    want = raw(Ether(src="02:00:00:00:bb:03", dst="02:00:00:00:bb:01", type=0x0800) / inner)
     assert out.data == want, f"got {Ether(out.data)!r}"
 
 
