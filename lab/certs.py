@@ -2,8 +2,10 @@
 
     python -m lab.certs DIR shop-eu=shop.example.eu www=www.example.com,*.example.com
 
-writes DIR/ca.crt, DIR/ca.key and DIR/<zone>.crt + DIR/<zone>.key, the layout
-the L7 front end reads (agent/l7/server.py). ECDSA P-256, SHA-256. Keys are
+writes DIR/ca.crt, DIR/ca.key, DIR/<zone>.crt + DIR/<zone>.key (ECDSA P-256)
+and DIR/<zone>.rsa.crt + DIR/<zone>.rsa.key (RSA 2048), the layout the L7
+front end reads (agent/l7/server.py): it offers both, each client gets the
+kind it asks for. SHA-256 signatures by an ECDSA CA. Keys are
 written 0600, each file atomically (temp file, then rename). An existing CA
 in DIR is reused, so clients that trust ca.crt keep trusting new zones.
 Lab only: the keys sit unencrypted on disk, which production must not do.
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_NAME = "privedge lab CA"
@@ -40,7 +42,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
 
@@ -86,10 +88,14 @@ def _ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, ca_key
 
 
+LeafKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+
+
 def _leaf(zone: str, hostnames: list[str], ca: x509.Certificate,
-          ca_key: ec.EllipticCurvePrivateKey) -> tuple[x509.Certificate,
-                                                        ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
+          ca_key: ec.EllipticCurvePrivateKey, kind: str = "ecdsa"
+          ) -> tuple[x509.Certificate, LeafKey]:
+    key: LeafKey = (ec.generate_private_key(ec.SECP256R1()) if kind == "ecdsa"
+                    else rsa.generate_private_key(public_exponent=65537, key_size=2048))
     now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -103,7 +109,7 @@ def _leaf(zone: str, hostnames: list[str], ca: x509.Certificate,
                        critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
+                                     key_encipherment=kind == "rsa", data_encipherment=False,
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
@@ -118,7 +124,8 @@ def _leaf(zone: str, hostnames: list[str], ca: x509.Certificate,
 
 
 def make_lab_pki(dir: Path, zones: dict[str, list[str]]) -> Path:
-    """Write ca.crt and <zone>.crt/.key for each zone (its hostnames as SANs).
+    """Write ca.crt, and <zone>.crt/.key (ECDSA) and <zone>.rsa.crt/.key (RSA)
+    for each zone (its hostnames as SANs).
 
     Returns the path of ca.crt, the trust anchor for clients. The zone's
     .crt is its chain without the root (here: the leaf alone).
@@ -129,9 +136,10 @@ def make_lab_pki(dir: Path, zones: dict[str, list[str]]) -> Path:
     for zone, hostnames in zones.items():
         if not hostnames:
             raise ValueError(f"zone {zone}: at least one hostname is needed")
-        cert, key = _leaf(zone, hostnames, ca, ca_key)
-        _write(dir / f"{zone}.key", _pem_key(key), 0o600)
-        _write(dir / f"{zone}.crt", _pem_cert(cert), 0o644)
+        for kind, stem in (("ecdsa", zone), ("rsa", f"{zone}.rsa")):
+            cert, key = _leaf(zone, hostnames, ca, ca_key, kind)
+            _write(dir / f"{stem}.key", _pem_key(key), 0o600)
+            _write(dir / f"{stem}.crt", _pem_cert(cert), 0o644)
     return dir / "ca.crt"
 
 

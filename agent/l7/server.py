@@ -173,7 +173,8 @@ def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLCon
 
 
 def load_zone_contexts(certs: Path, zones: Iterable[str]) -> dict[str, ssl.SSLContext]:
-    """One context per zone from <certs>/<zone>.crt and .key; every problem listed.
+    """One context per zone from <certs>/<zone>.crt and .key (and an RSA
+    twin from <zone>.rsa.crt and .rsa.key); every problem listed.
 
     Only zones this DC may serve are asked for: a foreign region's key is
     never needed here, so it need not (and should not) be on this host.
@@ -193,7 +194,19 @@ def load_zone_contexts(certs: Path, zones: Iterable[str]) -> dict[str, ssl.SSLCo
                 problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read the "
                                 f"private key; chmod 600 {key}")
                 continue
-            contexts[zone] = tls_context(crt, key)
+            ctx = tls_context(crt, key)
+            # An RSA twin, if there is one: OpenSSL then picks per client
+            # (ECDSA for those that offer it, RSA for the rest).
+            rsa_crt, rsa_key = certs / f"{zone}.rsa.crt", certs / f"{zone}.rsa.key"
+            if rsa_crt.is_file() and rsa_key.is_file():
+                crt, key = rsa_crt, rsa_key
+                mode = stat.S_IMODE(key.stat().st_mode)
+                if mode & KEY_MODE_FORBIDDEN:
+                    problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read "
+                                    f"the private key; chmod 600 {key}")
+                    continue
+                ctx.load_cert_chain(crt, key)
+            contexts[zone] = ctx
         except ssl.SSLError as e:
             problems.append(f"zone {zone}: {crt}, {key}: not a PEM chain and its key "
                             f"({e.reason or e})")
