@@ -105,6 +105,16 @@ class Zone(Frozen):
         return self
 
 
+class HttpLimits(Frozen):
+    """What one client may ask of HTTP/1.1 (agent/l7/http1.py)."""
+
+    head_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)  # 431 above
+    headers: int = Field(default=100, ge=8, le=1000)                 # 431 above
+    body_bytes: int = Field(default=1 << 20, ge=0, le=1 << 30)       # 413 above
+    head_timeout: float = Field(default=10.0, gt=0, le=300)          # 408: slowloris
+    body_timeout: float = Field(default=30.0, gt=0, le=600)          # 408 per read
+
+
 class ServeConfig(Frozen):
     """One DC's L7 front end: where to listen, which zones, which region."""
 
@@ -116,7 +126,8 @@ class ServeConfig(Frozen):
     status_socket: str | None = None
     unknown_sni: str = REFUSE
     handshake_timeout: float = Field(default=10.0, gt=0, le=120)
-    idle_timeout: float = Field(default=30.0, gt=0, le=600)
+    idle_timeout: float = Field(default=30.0, gt=0, le=600)     # kept-alive, between requests
+    http: HttpLimits = HttpLimits()
     zones: tuple[Zone, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,4 +1,4 @@
-"""The L7 front end: TCP accept → regional guard → TLS → one HTTP/1.1 request.
+"""The L7 front end: TCP accept → regional guard → TLS → HTTP/1.1 requests.
 
     python -m agent.l7.server --config serve.yaml           serve until SIGTERM/SIGINT
     python -m agent.l7.server --config serve.yaml --check   load config and certs; serve nothing
@@ -11,13 +11,20 @@ Per connection, each step learns only what the guard has allowed so far:
   2 TLS         the ClientHello's SNI goes to Guard.by_sni inside OpenSSL's
                 servername callback, before a certificate is chosen: refuse
                 aborts the handshake; serve switches to that zone's context.
-  3 request     one request head (16 KiB, idle timeout); its Host must name
-                the TLS zone (Guard.by_host), else 421. The answer is a small
-                JSON document naming DC, zone and a request id.
+  3 requests    HTTP/1.1 by h11 (agent/l7/http1.py): keep-alive, bodies,
+                limits and timeouts (400, 408, 413, 431). Each request's
+                Host must name the TLS zone (Guard.by_host), else 421; an
+                absolute-form target must name that Host, else 400. The
+                answer, for now, is a small JSON document naming DC, zone
+                and the request id; the rule pipeline comes in its place.
+
+TLS follows Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward
+secret AEAD ciphers, groups X25519/P-256/P-384 (agent/l7/openssl.cnf), an
+ECDSA and an RSA certificate per zone, ALPN http/1.1.
 
 Privacy: nothing about a client or a request is logged or kept, only the
-counters of agent/l7/counters.py (zone names and enums as labels). The
-request target is checked for syntax and dropped.
+counters of agent/l7/counters.py (zone names and enums as labels). A
+request lives only while it is answered.
 
 The daemon runs it beside its own loop with `run_in_thread(cfg)`; the handle's
 `.stop()` closes listeners and connections and removes the status socket.
@@ -31,7 +38,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import ssl
@@ -39,18 +45,16 @@ import stat
 import struct
 import sys
 import threading
-import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normalise_ip
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.guard import Guard, Reason
+from agent.l7.http1 import Http1Session, Limits, Request, Response
 
 log = logging.getLogger("privedge.l7")
 
-HEAD_MAX = 16 * 1024          # request line + headers, CRLFs included
 LISTEN_BACKLOG = 1024
 SHUTDOWN_TIMEOUT = 5.0        # TLS close_notify exchange and final writes
 STATUS_TIMEOUT = 2.0
@@ -64,89 +68,18 @@ class ServeError(Exception):
     """The server cannot start; the message says what and what to do."""
 
 
-# --------------------------------------------------------------------------- HTTP
-
-
-class BadRequest(ValueError):
-    """The request head is not a strict HTTP/1.x head."""
-
-
-@dataclass(frozen=True, slots=True)
-class RequestHead:
-    """What the front end keeps of a request: no target, no header but Host."""
-
-    method: str
-    version: str
-    host: str | None
-
-
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
-_VERSIONS = (b"HTTP/1.1", b"HTTP/1.0")
-
-
-def parse_request_head(data: bytes) -> RequestHead:
-    """Parse a request head ending in CRLF CRLF, strictly (RFC 9112).
-
-    Strict because lenient parsers disagree with each other, and that gap
-    is where request smuggling lives: bare CR or LF, obsolete line folding,
-    whitespace before a colon, a missing or repeated Host are all refused.
-    """
-    if len(data) > HEAD_MAX:
-        raise BadRequest("head too large")
-    if not data.endswith(b"\r\n\r\n"):
-        raise BadRequest("incomplete head")
-    lines = data[:-4].split(b"\r\n")
-    if any(b"\r" in line or b"\n" in line or b"\0" in line for line in lines):
-        raise BadRequest("bare CR, LF or NUL")
-    parts = lines[0].split(b" ")
-    if len(parts) != 3:
-        raise BadRequest("request line is not: method SP target SP version")
-    method, target, version = parts
-    if not _TOKEN.match(method):
-        raise BadRequest("method is not a token")
-    if not target or any(c <= 0x20 or c == 0x7F for c in target):
-        raise BadRequest("bad request target")
-    if version not in _VERSIONS:
-        raise BadRequest("unsupported HTTP version")
-    hosts: list[bytes] = []
-    for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        # A leading space or tab (obs-fold) or one before the colon fails here.
-        if not colon or not _TOKEN.match(name):
-            raise BadRequest("malformed header line")
-        value = value.strip(b" \t")
-        if any((c < 0x20 and c != 0x09) or c == 0x7F for c in value):
-            raise BadRequest("control character in a header value")
-        if name.lower() == b"host":
-            hosts.append(value)
-    if len(hosts) > 1 or (version == b"HTTP/1.1" and not hosts):
-        raise BadRequest("HTTP/1.1 needs exactly one Host header")
-    # An absolute-form target names the host that counts (RFC 9112 3.2.2):
-    # it must be the Host header's, or the zone check could be bypassed.
-    if not target.startswith(b"/") and target != b"*":
-        scheme, sep, rest = target.partition(b"://")
-        authority = rest.split(b"/", 1)[0].split(b"?", 1)[0]
-        if not sep or scheme.lower() not in (b"http", b"https") or \
-                not hosts or authority.lower() != hosts[0].lower():
-            raise BadRequest("absolute-form target that is not the Host's")
-    host = hosts[0].decode("latin-1") if hosts else None
-    return RequestHead(method.decode("ascii"), version.decode("ascii"), host)
-
-
-def http_response(status: int, reason: str, body: bytes, headers: Iterable[tuple[str, str]] = (),
-                  *, content_type: str = "text/plain; charset=utf-8",
-                  head_only: bool = False) -> bytes:
-    """A complete HTTP/1.1 response; the connection always closes after it."""
-    lines = [f"HTTP/1.1 {status} {reason}",
-             f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}",
-             "Cache-Control: no-store",
-             *(f"{k}: {v}" for k, v in headers),
-             "Connection: close"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
-
-
 # --------------------------------------------------------------------------- TLS
+
+
+def _target_matches_host(target: str, host: str | None) -> bool:
+    """An absolute-form target names the host that counts (RFC 9112 3.2.2):
+    it must be the Host header's, or the zone check could be bypassed."""
+    if target.startswith("/") or target == "*":
+        return True
+    scheme, sep, rest = target.partition("://")
+    authority = rest.split("/", 1)[0].split("?", 1)[0]
+    return bool(sep) and scheme.lower() in ("http", "https") and host is not None \
+        and authority.lower() == host.lower()
 
 
 def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
@@ -303,6 +236,7 @@ class L7Server:
         self.cfg = cfg
         self.guard = Guard(cfg)
         self.counters = counters or Counters(z.name for z in cfg.zones)
+        self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
         self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
         self._front = tls_context()
@@ -429,9 +363,8 @@ class L7Server:
         """TLS on the accepted socket; the SNI callback has picked the zone."""
         loop = asyncio.get_running_loop()
         timeout = self.cfg.handshake_timeout
-        # The limit bounds readuntil's search: a head longer than HEAD_MAX
-        # raises LimitOverrunError instead of growing the buffer.
-        reader = asyncio.StreamReader(limit=HEAD_MAX - 4)
+        # The buffer bound: h11 refuses heads over the configured size.
+        reader = asyncio.StreamReader(limit=self.limits.head_bytes)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
             transport, _ = await asyncio.wait_for(
@@ -460,45 +393,27 @@ class L7Server:
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                         zone: str) -> None:
-        """Read one request head and answer it; the connection then closes."""
-        answer: bytes | None
-        try:
-            data = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"),
-                                          self.cfg.idle_timeout)
-            head = parse_request_head(data)
-            del data  # the target and other headers go no further than here
-        except TimeoutError:
-            self.counters.request_error(RequestError.TIMEOUT)
-            answer = http_response(408, "Request Timeout", b"request timeout\n")
-        except asyncio.LimitOverrunError:
-            self.counters.request_error(RequestError.TOO_LARGE)
-            answer = http_response(431, "Request Header Fields Too Large",
-                                   b"request head too large\n")
-        except BadRequest:
-            self.counters.request_error(RequestError.MALFORMED)
-            answer = http_response(400, "Bad Request", b"bad request\n")
-        except (asyncio.IncompleteReadError, OSError, ssl.SSLError):
-            self.counters.request_error(RequestError.CLOSED)
-            answer = None
-        else:
-            answer = self._answer(head, zone)
-        if answer is not None:
-            writer.write(answer)
-            await asyncio.wait_for(writer.drain(), self.cfg.idle_timeout)
+        """HTTP/1.1 on the connection, requests answered until it ends."""
 
-    def _answer(self, head: RequestHead, zone: str) -> bytes:
-        head_only = head.method == "HEAD"
-        if not self.guard.by_host(head.host, zone).serve:
+        async def handle(request: Request) -> Response:
+            return self._answer(request, zone)
+
+        await Http1Session(reader, writer, self.limits, self.counters, handle).run()
+
+    def _answer(self, request: Request, zone: str) -> Response:
+        """The pipeline, for now: the zone's checks and an answer naming the DC.
+        The request's target and headers go no further than this function."""
+        if not _target_matches_host(request.target, request.host):
+            self.counters.request_error(RequestError.MALFORMED)
+            return Response(400, b"400 Bad Request\n", close=True)
+        if not self.guard.by_host(request.host, zone).serve:
             self.counters.refused(Refusal.MISDIRECTED)
-            return http_response(421, "Misdirected Request",
-                                 b"this connection does not serve that host\n",
-                                 head_only=head_only)
+            return Response(421, b"this connection does not serve that host\n")
         body = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region, "zone": zone,
-                           "request_id": uuid.uuid4().hex}).encode() + b"\n"
+                           "request_id": request.request_id}).encode() + b"\n"
         self.counters.served(zone)
-        return http_response(200, "OK", body,
-                             [("X-Privedge-DC", self.cfg.dc), ("X-Privedge-Zone", zone)],
-                             content_type="application/json", head_only=head_only)
+        return Response(200, body, [("X-Privedge-DC", self.cfg.dc), ("X-Privedge-Zone", zone)],
+                        content_type="application/json")
 
     async def _serve_status(self, _reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
