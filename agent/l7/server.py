@@ -94,11 +94,12 @@ def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLCon
     ctx.set_ciphers(TLS12_CIPHERS)  # TLS 1.3 suites are all AEAD and stay default
     ctx.options |= (ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
                     | ssl.OP_CIPHER_SERVER_PREFERENCE)
-    # No session tickets for now: their keys would have to be shared and
-    # rotated across processes and DCs; without them no resumption secret
-    # outlives a connection.
+    # Resumption from the server's own session cache, not from tickets:
+    # ticket keys would have to be shared and rotated across processes and
+    # DCs. With OP_NO_TICKET, TLS 1.3 hands out stateful tickets that are
+    # only a cache key; the secrets stay in this process's memory.
     ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 0
+    ctx.num_tickets = 1
     ctx.set_alpn_protocols(["http/1.1"])
     if cert is not None:
         ctx.load_cert_chain(cert, key)

@@ -86,3 +86,26 @@ def test_alpn_http11_and_tls13(server) -> None:
             ctx.wrap_socket(raw_sock, server_hostname=HOST) as tls:
         assert tls.selected_alpn_protocol() == "http/1.1"
         assert tls.version() == "TLSv1.3"
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_sessions_resume_from_the_servers_cache(server, version) -> None:
+    """A second connection resumes the first one's session (no full
+    handshake), from the server's own cache: no ticket keys to share."""
+    import socket
+
+    port, ca = server
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.minimum_version = ctx.maximum_version = version
+    session, reused = None, []
+    for _ in range(2):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_sock:
+            tls = ctx.wrap_socket(raw_sock, server_hostname=HOST, session=session)
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n"
+                        .encode())
+            while tls.recv(65536):
+                pass  # to the server's close_notify: a clean end keeps the session
+            reused.append(tls.session_reused)
+            session = tls.session
+            tls.close()
+    assert reused == [False, True]
