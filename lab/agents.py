@@ -91,14 +91,17 @@ def _zone(z: Zone) -> dict:
     return out
 
 
-def serve_config(topology: Topology, dc: str, paths: DcPaths, port: int = 443) -> dict:
-    """The L7 listener of a DC: every zone; the agent's regional guard decides."""
+def serve_config(topology: Topology, dc: str, paths: DcPaths, port: int = 443,
+                 plain_port: int = 80) -> dict:
+    """The L7 listeners of a DC (HTTPS, and plain HTTP that redirects to it):
+    every zone; the agent's regional guard decides."""
     me = topology.dc(dc)
     return {
         "dc": me.name,
         "region": me.region,
         "listen": ["0.0.0.0", "::"],
         "port": port,
+        "plain_port": plain_port,
         "certs": paths.certs,
         "status_socket": paths.status_socket,
         "unknown_sni": "refuse",

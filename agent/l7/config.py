@@ -23,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, model_validator
 
@@ -90,6 +90,7 @@ class Zone(Frozen):
     hostnames: tuple[Hostname, ...] = Field(min_length=1)
     region: Name | None = None       # None: global, any DC may inspect it
     addresses: tuple[Address, ...] = ()  # dedicated IPs; a regional zone needs them
+    plain_http: Literal["redirect", "serve"] = "redirect"  # what port 80 does for it
 
     @property
     def regional(self) -> bool:
@@ -122,6 +123,7 @@ class ServeConfig(Frozen):
     region: Name
     listen: tuple[Address, ...] = Field(default=("0.0.0.0", "::"), min_length=1)
     port: int = Field(default=443, ge=0, le=65535)  # 0: a free port per listener (tests)
+    plain_port: int | None = Field(default=None, ge=0, le=65535)  # plain HTTP (80); None: off
     certs: str = Field(min_length=1)
     status_socket: str | None = None
     unknown_sni: str = REFUSE

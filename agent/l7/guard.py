@@ -124,14 +124,14 @@ class Guard:
         `host` may carry a port ("shop.example.eu:443") or be a bracketed
         IPv6 literal. A Host naming no zone resolves like an unknown SNI.
         """
-        name = _host_name(host)
+        name = host_name(host)
         zone = self.lookup(name) or self._default
         if zone is None or zone.name != tls_zone:
             return _refuse(Reason.MISDIRECTED, tls_zone)
         return Decision(Action.SERVE, tls_zone, Reason.HOST)
 
 
-def _host_name(host: str | None) -> str | None:
+def host_name(host: str | None) -> str | None:
     """The name part of a Host header value (no port, no IPv6 brackets)."""
     if not host:
         return None

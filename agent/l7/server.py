@@ -50,7 +50,7 @@ from pathlib import Path
 
 from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normalise_ip
 from agent.l7.counters import Counters, Refusal, RequestError
-from agent.l7.guard import Guard, Reason
+from agent.l7.guard import Guard, Reason, host_name
 from agent.l7.http1 import Http1Session, Limits, Request, Response
 
 log = logging.getLogger("privedge.l7")
@@ -243,6 +243,7 @@ class L7Server:
         self._front = tls_context()
         self._front.sni_callback = self._on_sni
         self._listeners: list[socket.socket] = []
+        self._plain: list[socket.socket] = []   # plain HTTP (cfg.plain_port)
         self._accept_tasks: list[asyncio.Task[None]] = []
         self._connections: set[asyncio.Task[None]] = set()
         self._status: asyncio.AbstractServer | None = None
@@ -250,8 +251,13 @@ class L7Server:
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        """(address, port) of each listener, with the port actually bound."""
+        """(address, port) of each TLS listener, with the port actually bound."""
         return [s.getsockname()[:2] for s in self._listeners]
+
+    @property
+    def plain_addresses(self) -> list[tuple[str, int]]:
+        """(address, port) of each plain HTTP listener."""
+        return [s.getsockname()[:2] for s in self._plain]
 
     async def start(self) -> None:
         """Bind every listener and the status socket, then accept."""
@@ -261,6 +267,8 @@ class L7Server:
         try:
             for address in self.cfg.listen:
                 self._listeners.append(_listener(address, self.cfg.port))
+                if self.cfg.plain_port is not None:
+                    self._plain.append(_listener(address, self.cfg.plain_port))
             if self._status_path is not None:
                 status_sock = _unix_listener(self._status_path)
                 try:
@@ -273,7 +281,9 @@ class L7Server:
         except BaseException:
             await self.stop()
             raise
-        self._accept_tasks = [asyncio.create_task(self._accept(s)) for s in self._listeners]
+        self._accept_tasks = [asyncio.create_task(self._accept(s, plain))
+                              for plain, group in ((False, self._listeners), (True, self._plain))
+                              for s in group]
         log.info("dc %s region %s: serving %s on %s", self.cfg.dc, self.cfg.region,
                  ", ".join(self.guard.servable),
                  ", ".join(f"[{a}]:{p}" for a, p in self.addresses))
@@ -284,9 +294,9 @@ class L7Server:
             task.cancel()
         await asyncio.gather(*self._accept_tasks, return_exceptions=True)
         self._accept_tasks = []
-        for sock in self._listeners:
+        for sock in (*self._listeners, *self._plain):
             sock.close()
-        self._listeners = []
+        self._listeners, self._plain = [], []
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
@@ -298,7 +308,7 @@ class L7Server:
             with contextlib.suppress(FileNotFoundError):
                 self._status_path.unlink()
 
-    async def _accept(self, listener: socket.socket) -> None:
+    async def _accept(self, listener: socket.socket, plain: bool) -> None:
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -307,7 +317,7 @@ class L7Server:
                 log.warning("accept failed: %s", e.strerror)
                 await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
-            task = asyncio.create_task(self._connection(conn))
+            task = asyncio.create_task(self._connection(conn, plain))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
@@ -333,7 +343,7 @@ class L7Server:
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
-    async def _connection(self, conn: socket.socket) -> None:
+    async def _connection(self, conn: socket.socket, plain: bool = False) -> None:
         self.counters.accepted()
         try:
             local = normalise_ip(conn.getsockname()[0])
@@ -344,6 +354,9 @@ class L7Server:
         if not self.guard.by_address(local).serve:
             self.counters.refused(Refusal.REGION_ADDRESS)
             _reset(conn)
+            return
+        if plain:
+            await self._plain_http(conn)
             return
         streams = await self._handshake(conn)
         if streams is None:
@@ -400,6 +413,32 @@ class L7Server:
             return self._answer(request, zone)
 
         await Http1Session(reader, writer, self.limits, self.counters, handle).run()
+
+    async def _plain_http(self, conn: socket.socket) -> None:
+        """Port 80: each request's Host picks the zone (as SNI does on 443);
+        the zone redirects to HTTPS or is served in plain."""
+        reader, writer = await asyncio.open_connection(sock=conn, limit=self.limits.head_bytes)
+
+        async def handle(request: Request) -> Response:
+            decision = self.guard.by_sni(host_name(request.host))
+            if not decision.serve:
+                self.counters.refused(Refusal(decision.reason))
+                return Response(421, b"this server does not serve that host here\n")
+            if self.cfg.zone(decision.zone).plain_http == "redirect":
+                path = request.target if request.target.startswith("/") else "/"
+                location = f"https://{host_name(request.host)}{path}"
+                return Response(301, b"", [("Location", location)])
+            return self._answer(request, decision.zone)
+
+        try:
+            await Http1Session(reader, writer, self.limits, self.counters, handle).run()
+            writer.close()
+            await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except OSError:
+            writer.transport.abort()
 
     def _answer(self, request: Request, zone: str) -> Response:
         """The pipeline, for now: the zone's checks and an answer naming the DC.

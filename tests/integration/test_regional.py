@@ -198,3 +198,15 @@ def test_reload_keeps_steering_and_serving(lab: Lab):
     assert r.returncode == 0 and json.loads(r.stdout)["dc"] in ("dus", "fra"), r.stderr
     r = https(lab, "uscustomer", "www.example.com", WWW4)
     assert r.returncode == 0 and json.loads(r.stdout)["dc"] == "iad", r.stderr
+
+
+def test_plain_http_redirects_to_https_in_the_region(lab: Lab):
+    """Port 80 of the EU zone from the US: steered like 443, answered in the
+    EU with a redirect to HTTPS; iad's front end sees nothing of it."""
+    before = front(lab, "iad")["connections_accepted"]
+    r = subprocess.run([*_ns(lab, "uscustomer"), "curl", "-sS", "-o", "/dev/null", "-w",
+                        "%{http_code} %{redirect_url}", "--max-time", "8",
+                        "--resolve", f"shop.example.eu:80:{EU4}", "http://shop.example.eu/x"],
+                       capture_output=True, text=True, timeout=20)
+    assert r.stdout == "301 https://shop.example.eu/x", r.stdout + r.stderr
+    assert front(lab, "iad")["connections_accepted"] == before

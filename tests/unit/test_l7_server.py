@@ -510,3 +510,35 @@ def test_stop_ends_open_connections_promptly(tmp_path, pki) -> None:
             with contextlib.suppress(ConnectionError, ssl.SSLError):
                 assert s.recv(1024) == b""
     assert h.stop(TIMEOUT), "stop() is idempotent"
+
+
+# ------------------------------------------------------------------ plain HTTP (port 80)
+
+
+def _plain_get(port: int, host: str, target: str = "/p?q=1") -> tuple[int, dict, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                  .encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split(" ")[1]), dict(x.split(": ", 1) for x in lines[1:]), body
+
+
+def test_plain_http_redirects_or_serves_per_zone(tmp_path, pki) -> None:
+    zones = _config(tmp_path, pki)["zones"]
+    zones[1] = {**zones[1], "plain_http": "serve"}       # www serves plain HTTP
+    with serving(tmp_path, pki, plain_port=0, listen=["127.0.0.1"], zones=zones) as h:
+        port = h.server.plain_addresses[0][1]
+        status, headers, _ = _plain_get(port, "shop.example.eu")
+        assert status == 301 and headers["Location"] == "https://shop.example.eu/p?q=1"
+        status, _, body = _plain_get(port, "www.example.com:80")
+        assert status == 200 and json.loads(body)["zone"] == "www"
+        status, _, _ = _plain_get(port, "shop.example.us")   # another region's zone
+        assert status == 421
+        status, _, _ = _plain_get(port, "nobody.example")
+        assert status == 421
+        refused = h.counters.snapshot()["refused"]
+        assert refused["region_sni"] == 1 and refused["unknown_sni"] == 1

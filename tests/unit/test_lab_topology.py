@@ -245,6 +245,7 @@ def test_serve_config(iad) -> None:
         "region": "us",
         "listen": ["0.0.0.0", "::"],
         "port": 443,
+        "plain_port": 80,
         "certs": str(state / "pki"),
         "status_socket": str(state / "iad" / "l7.sock"),
         "unknown_sni": "refuse",
