@@ -25,7 +25,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
 
@@ -83,6 +90,53 @@ Hostname = Annotated[str, AfterValidator(_hostname)]
 Address = Annotated[str, AfterValidator(_address)]
 
 
+class ForwardCfg(Frozen):
+    status: Literal[301, 302] = 301
+    url: str = Field(min_length=1)
+
+
+class PageRuleCfg(Frozen):
+    pattern: str = Field(min_length=1)
+    cache_level: Literal["bypass", "standard", "cache_everything"] | None = None
+    edge_ttl: int | None = Field(default=None, ge=0)
+    always_https: bool = False
+    forwarding_url: ForwardCfg | None = None
+    disable_waf: bool = False
+
+
+class FirewallRuleCfg(Frozen):
+    expression: str = Field(min_length=1)
+    action: Literal["block", "challenge", "allow", "log", "skip"]
+    description: str = ""
+
+    @field_validator("expression")
+    @classmethod
+    def _parses(cls, v: str) -> str:
+        from agent.l7.firewall import RuleError, compile_expression
+
+        try:
+            compile_expression(v)
+        except RuleError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+
+class RateLimitCfg(Frozen):
+    name: Name
+    requests: int = Field(ge=1)
+    period: float = Field(gt=0, le=86400)
+    block: float = Field(ge=0, le=86400)
+    key: Literal["ip", "ip+path", "ip+header"] = "ip"
+    header: str | None = None
+    path_prefix: str = "/"
+
+    @model_validator(mode="after")
+    def _header_with_key(self) -> RateLimitCfg:
+        if (self.key == "ip+header") != (self.header is not None):
+            raise ValueError("a header goes with key ip+header, and only with it")
+        return self
+
+
 class Zone(Frozen):
     """A customer zone as the L7 front end sees it."""
 
@@ -91,6 +145,9 @@ class Zone(Frozen):
     region: Name | None = None       # None: global, any DC may inspect it
     addresses: tuple[Address, ...] = ()  # dedicated IPs; a regional zone needs them
     plain_http: Literal["redirect", "serve"] = "redirect"  # what port 80 does for it
+    page_rules: tuple[PageRuleCfg, ...] = ()
+    firewall: tuple[FirewallRuleCfg, ...] = ()
+    rate_limits: tuple[RateLimitCfg, ...] = ()
 
     @property
     def regional(self) -> bool:

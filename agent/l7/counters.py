@@ -37,6 +37,19 @@ class RequestError(enum.StrEnum):
     CLOSED = "closed"            # client closed before a complete head
 
 
+class RuleAction(enum.StrEnum):
+    """What a zone's rules did with a request (agent/l7/pipeline.py)."""
+
+    PAGE_REDIRECT = "page_redirect"     # a page rule's forwarding URL
+    HTTPS_REDIRECT = "https_redirect"   # always-HTTPS on plain HTTP
+    FW_BLOCK = "fw_block"
+    FW_CHALLENGE = "fw_challenge"
+    FW_ALLOW = "fw_allow"
+    FW_LOG = "fw_log"
+    FW_SKIP = "fw_skip"
+    RATE_LIMITED = "rate_limited"
+
+
 class Counters:
     """Monotonic counters with closed label sets; thread-safe."""
 
@@ -47,6 +60,7 @@ class Counters:
         self._request_errors = dict.fromkeys(RequestError, 0)
         self._requests = dict.fromkeys(zones, 0)
         self._handshakes = dict.fromkeys((*TLS_VERSIONS, OTHER), 0)
+        self._actions = {z: dict.fromkeys(RuleAction, 0) for z in self._requests}
 
     def accepted(self) -> None:
         """A TCP connection was accepted (refused ones included)."""
@@ -71,6 +85,12 @@ class Counters:
                 raise KeyError(f"{zone!r} is not a zone of this config")
             self._requests[zone] += 1
 
+    def action(self, zone: str, action: RuleAction | str) -> None:
+        """A zone's rule acted (labels: config zone names and RuleAction)."""
+        key = RuleAction(action)
+        with self._lock:
+            self._actions[zone][key] += 1
+
     def request_error(self, error: RequestError | str) -> None:
         key = RequestError(error)
         with self._lock:
@@ -85,4 +105,5 @@ class Counters:
                 "handshakes": dict(self._handshakes),
                 "requests": dict(self._requests),
                 "request_errors": {str(k): v for k, v in self._request_errors.items()},
+                "actions": {z: {str(k): v for k, v in a.items()} for z, a in self._actions.items()},
             }

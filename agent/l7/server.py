@@ -14,9 +14,11 @@ Per connection, each step learns only what the guard has allowed so far:
   3 requests    HTTP/1.1 by h11 (agent/l7/http1.py): keep-alive, bodies,
                 limits and timeouts (400, 408, 413, 431). Each request's
                 Host must name the TLS zone (Guard.by_host), else 421; an
-                absolute-form target must name that Host, else 400. The
-                answer, for now, is a small JSON document naming DC, zone
-                and the request id; the rule pipeline comes in its place.
+                absolute-form target must name that Host, else 400. Then
+                the zone's rules (agent/l7/pipeline.py): page rules,
+                firewall, rate limits. What passes them is answered, for
+                now, with a small JSON document naming DC, zone and the
+                request id; WAF, cache and origin come in its place.
 
 TLS follows Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward
 secret AEAD ciphers, groups X25519/P-256/P-384 (agent/l7/openssl.cnf), an
@@ -52,6 +54,7 @@ from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normali
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.guard import Guard, Reason, host_name
 from agent.l7.http1 import Http1Session, Limits, Request, Response
+from agent.l7.pipeline import ZonePipeline
 
 log = logging.getLogger("privedge.l7")
 
@@ -240,6 +243,8 @@ class L7Server:
         self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
         self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
+        self._pipelines = {z.name: ZonePipeline(z, self.counters) for z in cfg.zones
+                           if z.name in self.guard.servable}
         self._front = tls_context()
         self._front.sni_callback = self._on_sni
         self._listeners: list[socket.socket] = []
@@ -312,12 +317,14 @@ class L7Server:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                conn, _peer = await loop.sock_accept(listener)  # the peer is never used
+                conn, peer = await loop.sock_accept(listener)
             except OSError as e:
                 log.warning("accept failed: %s", e.strerror)
                 await asyncio.sleep(ACCEPT_BACKOFF)
                 continue
-            task = asyncio.create_task(self._connection(conn, plain))
+            # The client's address goes to the rules (firewall, rate limits)
+            # and stays in memory; it is never logged.
+            task = asyncio.create_task(self._connection(conn, plain, normalise_ip(peer[0])))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
@@ -343,7 +350,8 @@ class L7Server:
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 
-    async def _connection(self, conn: socket.socket, plain: bool = False) -> None:
+    async def _connection(self, conn: socket.socket, plain: bool = False,
+                          client: str = "") -> None:
         self.counters.accepted()
         try:
             local = normalise_ip(conn.getsockname()[0])
@@ -356,14 +364,14 @@ class L7Server:
             _reset(conn)
             return
         if plain:
-            await self._plain_http(conn)
+            await self._plain_http(conn, client)
             return
         streams = await self._handshake(conn)
         if streams is None:
             return
         reader, writer, zone = streams
         try:
-            await self._exchange(reader, writer, zone)
+            await self._exchange(reader, writer, zone, client)
             writer.close()  # TLS close_notify, then FIN
             await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
         except asyncio.CancelledError:
@@ -406,15 +414,15 @@ class L7Server:
         return reader, writer, zone
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        zone: str) -> None:
+                        zone: str, client: str) -> None:
         """HTTP/1.1 on the connection, requests answered until it ends."""
 
         async def handle(request: Request) -> Response:
-            return self._answer(request, zone)
+            return self._answer(request, zone, client, tls=True)
 
         await Http1Session(reader, writer, self.limits, self.counters, handle).run()
 
-    async def _plain_http(self, conn: socket.socket) -> None:
+    async def _plain_http(self, conn: socket.socket, client: str) -> None:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
         reader, writer = await asyncio.open_connection(sock=conn, limit=self.limits.head_bytes)
@@ -428,7 +436,7 @@ class L7Server:
                 path = request.target if request.target.startswith("/") else "/"
                 location = f"https://{host_name(request.host)}{path}"
                 return Response(301, b"", [("Location", location)])
-            return self._answer(request, decision.zone)
+            return self._answer(request, decision.zone, client, tls=False)
 
         try:
             await Http1Session(reader, writer, self.limits, self.counters, handle).run()
@@ -440,15 +448,18 @@ class L7Server:
         except OSError:
             writer.transport.abort()
 
-    def _answer(self, request: Request, zone: str) -> Response:
-        """The pipeline, for now: the zone's checks and an answer naming the DC.
-        The request's target and headers go no further than this function."""
+    def _answer(self, request: Request, zone: str, client: str, tls: bool) -> Response:
+        """The zone's checks, its rules (agent/l7/pipeline.py), and for now an
+        answer naming the DC. The request goes no further than this function."""
         if not _target_matches_host(request.target, request.host):
             self.counters.request_error(RequestError.MALFORMED)
             return Response(400, b"400 Bad Request\n", close=True)
-        if not self.guard.by_host(request.host, zone).serve:
+        if tls and not self.guard.by_host(request.host, zone).serve:
             self.counters.refused(Refusal.MISDIRECTED)
             return Response(421, b"this connection does not serve that host\n")
+        outcome = self._pipelines[zone].run(request, client, tls)
+        if outcome.response is not None:
+            return outcome.response
         body = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region, "zone": zone,
                            "request_id": request.request_id}).encode() + b"\n"
         self.counters.served(zone)

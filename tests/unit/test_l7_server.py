@@ -542,3 +542,27 @@ def test_plain_http_redirects_or_serves_per_zone(tmp_path, pki) -> None:
         assert status == 421
         refused = h.counters.snapshot()["refused"]
         assert refused["region_sni"] == 1 and refused["unknown_sni"] == 1
+
+
+def test_zone_rules_answer_through_tls(tmp_path, pki) -> None:
+    """A firewall block and a rate limit reached over real TLS."""
+    zones = _config(tmp_path, pki)["zones"]
+    zones[1] = {**zones[1],
+                "firewall": [{"expression": 'http.request.uri.path eq "/blocked"',
+                              "action": "block"}],
+                "rate_limits": [{"name": "all", "requests": 2, "period": 60, "block": 60}]}
+    with serving(tmp_path, pki, listen=["127.0.0.1"], zones=zones) as h:
+        port, ctx = _port(h, "127.0.0.1"), _client_context(pki)
+
+        def get(path: str) -> tuple[int, dict]:
+            req = (f"GET {path} HTTP/1.1\r\nHost: www.example.com\r\n"
+                   "Connection: close\r\n\r\n").encode()
+            _, status, headers, _ = tls_request("127.0.0.1", port, ctx, "www.example.com", req)
+            return status, headers
+
+        assert get("/blocked")[0] == 403
+        assert [get("/")[0] for _ in range(2)] == [200, 200]
+        status, headers = get("/")
+        assert status == 429 and headers["Retry-After"] == "60"
+        actions = h.counters.snapshot()["actions"]["www"]
+        assert actions["fw_block"] == 1 and actions["rate_limited"] == 1

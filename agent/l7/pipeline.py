@@ -1,0 +1,101 @@
+"""A zone's business logic, in DESIGN.md's order, before anything is answered.
+
+    page rules   a forwarding URL answers with its redirect; always-HTTPS
+                 answers plain HTTP with one
+    firewall     block (403), challenge (403 until the bot challenge comes),
+                 allow (the rest of the security stages are skipped), log,
+                 skip (the rest of the firewall rules are skipped)
+    rate limits  over the rate: 429 with Retry-After
+
+`ZonePipeline.run` returns the response that ends a request here, or
+None with the page rule settings for the next stages (WAF, cache, origin).
+Built from the zone's config once; a reload builds new ones and swaps
+them in by reference. Nothing about a request outlives `run`, except the
+rate limiter's per-client counters (in memory, bounded).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent.l7.config import Zone
+from agent.l7.counters import Counters, RuleAction
+from agent.l7.firewall import Firewall, RequestView, Rule
+from agent.l7.guard import host_name
+from agent.l7.http1 import Request, Response
+from agent.l7.pagerules import Forward, PageRule, PageRules, Settings
+from agent.l7.ratelimit import RateLimiter, RateRule
+
+FW_ACTIONS = {"block": RuleAction.FW_BLOCK, "challenge": RuleAction.FW_CHALLENGE,
+              "allow": RuleAction.FW_ALLOW, "skip": RuleAction.FW_SKIP}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    response: Response | None       # set: the request ends here
+    settings: Settings              # the page rule settings for what follows
+    allowed: bool = False           # a firewall allow rule matched
+
+
+def _cookie_names(header: str) -> frozenset[str]:
+    return frozenset(part.split("=", 1)[0].strip() for part in header.split(";") if part.strip())
+
+
+class ZonePipeline:
+    def __init__(self, zone: Zone, counters: Counters) -> None:
+        self.zone = zone.name
+        self.counters = counters
+        self.page_rules = PageRules([
+            PageRule(r.pattern, Settings(
+                cache_level=r.cache_level, edge_ttl=r.edge_ttl, always_https=r.always_https,
+                forwarding_url=(Forward(r.forwarding_url.status, r.forwarding_url.url)
+                                if r.forwarding_url else None),
+                disable_waf=r.disable_waf))
+            for r in zone.page_rules])
+        self.firewall = Firewall([Rule(r.expression, r.action, r.description)
+                                  for r in zone.firewall])
+        self.rate_limiter = RateLimiter([
+            RateRule(r.name, r.requests, r.period, r.block, r.key, r.header, r.path_prefix)
+            for r in zone.rate_limits])
+
+    def run(self, request: Request, client: str, tls: bool,
+            now: float | None = None) -> Outcome:
+        now = time.monotonic() if now is None else now
+        host = host_name(request.host) or ""
+        path, _, query = request.target.partition("?")
+        match = self.page_rules.match(host, path, query)
+        settings = match.settings
+        if match.redirect is not None:
+            self.counters.action(self.zone, RuleAction.PAGE_REDIRECT)
+            return Outcome(Response(match.redirect[0], b"", [("Location", match.redirect[1])]),
+                           settings)
+        if settings.always_https and not tls:
+            self.counters.action(self.zone, RuleAction.HTTPS_REDIRECT)
+            return Outcome(Response(301, b"", [("Location", f"https://{host}{request.target}")]),
+                           settings)
+
+        headers = dict(request.headers)
+        view = RequestView(src=client, method=request.method, host=host, path=path,
+                           query=query, headers=headers,
+                           cookies=_cookie_names(headers.get("cookie", "")))
+        verdict = self.firewall.evaluate(view)
+        for _ in verdict.logged:
+            self.counters.action(self.zone, RuleAction.FW_LOG)
+        if verdict.action is not None:
+            self.counters.action(self.zone, FW_ACTIONS[verdict.action])
+        if verdict.action == "block":
+            return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
+                           settings)
+        if verdict.action == "challenge":
+            return Outcome(Response(403, b"403 Forbidden: a challenge is required\n"),
+                           settings)
+        if verdict.action == "allow":
+            return Outcome(None, settings, allowed=True)
+
+        limited = self.rate_limiter.check(client, path, headers, now)
+        if not limited.allowed:
+            self.counters.action(self.zone, RuleAction.RATE_LIMITED)
+            return Outcome(Response(429, b"429 Too Many Requests\n",
+                                    [("Retry-After", str(limited.retry_after))]), settings)
+        return Outcome(None, settings)
