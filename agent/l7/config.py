@@ -187,6 +187,15 @@ class ServeConfig(Frozen):
     handshake_timeout: float = Field(default=10.0, gt=0, le=120)
     idle_timeout: float = Field(default=30.0, gt=0, le=600)     # kept-alive, between requests
     http: HttpLimits = HttpLimits()
+    countries: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # for ip.geoip.country
+
+    @field_validator("countries")
+    @classmethod
+    def _country_table(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        from agent.l7.geo import CountryTable
+
+        CountryTable(v)  # raises ValueError naming the bad code or prefix
+        return v
     zones: tuple[Zone, ...] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from agent.l7.config import Zone
 from agent.l7.counters import Counters, RuleAction
 from agent.l7.firewall import Firewall, RequestView, Rule
+from agent.l7.geo import CountryTable
 from agent.l7.guard import host_name
 from agent.l7.http1 import Request, Response
 from agent.l7.pagerules import Forward, PageRule, PageRules, Settings
@@ -43,9 +44,11 @@ def _cookie_names(header: str) -> frozenset[str]:
 
 
 class ZonePipeline:
-    def __init__(self, zone: Zone, counters: Counters) -> None:
+    def __init__(self, zone: Zone, counters: Counters,
+                 countries: CountryTable | None = None) -> None:
         self.zone = zone.name
         self.counters = counters
+        self.countries = countries or CountryTable({})
         self.page_rules = PageRules([
             PageRule(r.pattern, Settings(
                 cache_level=r.cache_level, edge_ttl=r.edge_ttl, always_https=r.always_https,
@@ -78,7 +81,8 @@ class ZonePipeline:
         headers = dict(request.headers)
         view = RequestView(src=client, method=request.method, host=host, path=path,
                            query=query, headers=headers,
-                           cookies=_cookie_names(headers.get("cookie", "")))
+                           cookies=_cookie_names(headers.get("cookie", "")),
+                           country=self.countries.country(client))
         verdict = self.firewall.evaluate(view)
         for _ in verdict.logged:
             self.counters.action(self.zone, RuleAction.FW_LOG)

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normalise_ip
 from agent.l7.counters import Counters, Refusal, RequestError
+from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
 from agent.l7.http1 import Http1Session, Limits, Request, Response
 from agent.l7.pipeline import ZonePipeline
@@ -243,7 +244,8 @@ class L7Server:
         self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
         self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
-        self._pipelines = {z.name: ZonePipeline(z, self.counters) for z in cfg.zones
+        countries = CountryTable(cfg.countries)
+        self._pipelines = {z.name: ZonePipeline(z, self.counters, countries) for z in cfg.zones
                            if z.name in self.guard.servable}
         self._front = tls_context()
         self._front.sni_callback = self._on_sni
