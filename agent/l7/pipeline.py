@@ -66,7 +66,12 @@ class ZonePipeline:
             now: float | None = None) -> Outcome:
         now = time.monotonic() if now is None else now
         host = host_name(request.host) or ""
-        path, _, query = request.target.partition("?")
+        # An absolute-form target (already checked to name the Host) counts
+        # by its path, like an origin-form one.
+        target = request.target
+        if "://" in target:
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        path, _, query = target.partition("?")
         match = self.page_rules.match(host, path, query)
         settings = match.settings
         if match.redirect is not None:
@@ -75,7 +80,7 @@ class ZonePipeline:
                            settings)
         if settings.always_https and not tls:
             self.counters.action(self.zone, RuleAction.HTTPS_REDIRECT)
-            return Outcome(Response(301, b"", [("Location", f"https://{host}{request.target}")]),
+            return Outcome(Response(301, b"", [("Location", f"https://{host}{target}")]),
                            settings)
 
         headers = dict(request.headers)

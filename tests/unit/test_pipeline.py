@@ -91,3 +91,9 @@ def test_a_bad_rule_names_zone_rule_and_column() -> None:
         parse_serve_config(data, "serve.yaml")
     assert "serve.yaml: zones[0].firewall[0].expression:" in str(e.value)
     assert "column 20: expected a field" in str(e.value)  # the end of the expression
+
+
+def test_absolute_form_targets_count_by_their_path(pipe) -> None:
+    p, _ = pipe
+    r = p.run(req("http://shop.example.com/secure/x?y=1"), "192.0.2.1", tls=False, now=0)
+    assert dict(r.response.headers)["Location"] == "https://shop.example.com/secure/x?y=1"
