@@ -127,21 +127,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps({"host": args.host, "changes": changes}))
             else:
-                print(f"provision {args.host}: " + (f"{len(changes)} changes" if changes
-                                                    else "nothing to change"))
-                for c in changes:
-                    print(f"  {c}")
+                _print_changes(f"provision {args.host}:", changes)
             return 0
         if args.cmd == "generate":
             return _generate(p, topology, args)
         lab = Lab(topology, prefix=prefix, state_dir=getattr(args, "state_dir", None))
         if args.cmd == "up":
-            report = lab.up(agents=not args.no_agents)
-            changes = report["changes"]
-            print(f"lab {prefix}: up, " + (f"{len(changes)} changes" if changes
-                                           else "nothing to change"))
-            for c in changes:
-                print(f"  {c}")
+            _print_changes(f"lab {prefix}: up,", lab.up(agents=not args.no_agents)["changes"])
             return 0
         if args.cmd == "down":
             for r in lab.down()["removed"]:
@@ -170,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lab: {args.cmd} failed: {e}", file=sys.stderr)
         return 1
     return 2
+
+
+def _print_changes(title: str, changes: list[str]) -> None:
+    print(f"{title} " + (f"{len(changes)} changes" if changes else "nothing to change"))
+    for c in changes:
+        print(f"  {c}")
 
 
 def _generate(p: argparse.ArgumentParser, topology, args) -> int:
