@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-unit test-bpf test-integration lint demo lab-up lab-down lab-status \
-	bench-xdp bench-steer clean
+	bench-xdp bench-steer bench-l7 bench-waf clean
 
 setup:
 	bash scripts/setup.sh
@@ -41,6 +41,12 @@ bench-xdp: setup
 
 bench-steer: setup
 	$(PY) -m bench.steer
+
+bench-l7: setup
+	$(PY) -m bench.l7
+
+bench-waf: setup
+	$(PY) -m bench.waf
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -27,6 +27,7 @@ from agent.apply import apply_generation, expire_entries
 from agent.bcc_build import BuildError
 from agent.compile import CapacityError, compile_rules
 from agent.config import ConfigError, NodeConfig, Steering, load_config
+from agent.l7.cache import Cache, CacheDirError
 from agent.l7.config import load_serve_config
 from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
@@ -39,7 +40,7 @@ from agent.xdp_link import LinkError
 SWEEP_SECONDS = 1.0
 NEIGHBOUR_SECONDS = 5.0
 FAILURES = (ConfigError, PrefixError, CapacityError, NodeError, LayoutError, LinkError,
-            BuildError, BpfError, ServeError)
+            BuildError, BpfError, ServeError, CacheDirError)
 
 
 def phase(name: str, detail: str) -> None:
@@ -129,6 +130,7 @@ class Agent:
         self.serve_path = serve_path
         self.serve_cfg = load_serve_config(serve_path) if serve_path else None
         self.front: ServerThread | None = None
+        self.cache: Cache | None = None   # the front end's, kept across reloads
         self.steering = same_steering([link.cfg for link in self.links], config_paths)
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -136,7 +138,14 @@ class Agent:
     def start_front(self) -> None:
         if self.serve_cfg is None:
             return
-        self.front = run_in_thread(self.serve_cfg)
+        # One cache across reloads: a new store would start empty (and empty
+        # its disk), so it is replaced only when its own settings change.
+        if self.cache is not None and self.cache.settings != self.serve_cfg.cache_store:
+            self.cache.close()
+            self.cache = None
+        if self.cache is None:
+            self.cache = Cache(self.serve_cfg.cache_store)
+        self.front = run_in_thread(self.serve_cfg, cache=self.cache)
         where = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
                           for a, p in self.front.addresses)
         phase("serve", f"TLS front end of {self.serve_cfg.dc} (region {self.serve_cfg.region}) "
@@ -218,6 +227,8 @@ class Agent:
                 last_warm = time.monotonic()
         if self.front:
             self.front.stop()
+        if self.cache is not None:
+            self.cache.close()
         for link in self.links:
             phase("exit", f"leaving {link.cfg.interface} protected: the program stays attached "
                           "and the maps pinned")

@@ -183,7 +183,8 @@ def _generate(p: argparse.ArgumentParser, topology, args) -> int:
     certs = args.certs or args.out / "pki"
     paths = DcPaths(ifnames=resolve_ifmap(specs), netns=None, bpffs=args.bpffs,
                     run_dir=args.run_dir, certs=str(certs),
-                    status_socket=str(Path(args.run_dir) / "l7.sock"))
+                    status_socket=str(Path(args.run_dir) / "l7.sock"),
+                    cache_dir=str(Path(args.run_dir) / "cache"))
     for name in write_configs(args.out, dc_configs(topology, args.dc, paths)):
         print(f"wrote {args.out / name}")
     if args.make_pki and pki_missing(topology, certs, args.dc):

@@ -15,6 +15,7 @@ both call `dc_configs`; only interface names and paths differ.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from lab.topology import Topology, Zone
 from lab.twons import LAB_BOGONS
 
 DENY4_EXACT = 65536         # the lab's denylist is tiny: small maps load fast
+LAB_CACHE_MEMORY = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class DcPaths:
     run_dir: str
     certs: str
     status_socket: str
+    cache_dir: str                   # encrypted cache spill (nothing else is written)
 
 
 def lab_paths(dc: str, prefix: str, state_dir: Path, topology: Topology) -> DcPaths:
@@ -43,7 +46,8 @@ def lab_paths(dc: str, prefix: str, state_dir: Path, topology: Topology) -> DcPa
     d = state_dir / dc
     return DcPaths(ifnames={s.name: s.ifname for s in topology.segments}, netns=f"{prefix}{dc}",
                    bpffs=f"/sys/fs/bpf/privedge-{prefix}{dc}", run_dir=str(d / "run"),
-                   certs=str(state_dir / "pki"), status_socket=str(d / "l7.sock"))
+                   certs=str(state_dir / "pki"), status_socket=str(d / "l7.sock"),
+                   cache_dir=str(d / "cache"))
 
 
 def steering(topology: Topology, dc: str, backbone_ifname: str) -> dict:
@@ -83,11 +87,17 @@ def link_config(topology: Topology, dc: str, segment: str, paths: DcPaths) -> di
     return cfg
 
 
-def _zone(z: Zone) -> dict:
+def _zone(z: Zone, certs: str) -> dict:
     out: dict = {"name": z.name, "hostnames": list(z.hostnames)}
     if z.region is not None:
         out["region"] = z.region
     out["addresses"] = [str(a) for a in z.addresses]
+    out.update(copy.deepcopy(dict(z.l7)))
+    origin = out.get("origin")
+    # The lab's origin has a certificate from the lab CA: trust that CA.
+    if isinstance(origin, dict) and str(origin.get("url", "")).startswith("https:") \
+            and "ca_file" not in origin and origin.get("verify", True):
+        origin["ca_file"] = str(Path(certs) / "ca.crt")
     return out
 
 
@@ -105,7 +115,10 @@ def serve_config(topology: Topology, dc: str, paths: DcPaths, port: int = 443,
         "certs": paths.certs,
         "status_socket": paths.status_socket,
         "unknown_sni": "refuse",
-        "zones": [_zone(z) for z in topology.zones],
+        # A small memory part, so the lab shows objects spilling to disk
+        # (encrypted) without needing much traffic.
+        "cache_store": {"memory_bytes": LAB_CACHE_MEMORY, "disk_dir": paths.cache_dir},
+        "zones": [_zone(z, paths.certs) for z in topology.zones],
     }
 
 

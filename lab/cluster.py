@@ -37,7 +37,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetNS
@@ -55,6 +55,7 @@ RTN_LOCAL = 2
 TABLE_MAIN, TABLE_LOCAL = 254, 255
 PROVISION_TIMEOUT = 120.0
 AGENT_READY_TIMEOUT = 120.0
+ORIGIN_READY_TIMEOUT = 20.0
 AGENT_STOP_TIMEOUT = 30.0
 
 
@@ -614,6 +615,7 @@ class Lab:
         if pki_missing(self.topology, pki):
             make_lab_pki(pki, pki_zones(self.topology))
             changes.append(f"lab PKI in {pki}")
+        changes += self._origin_up(pki, make_lab_pki)
         starting: dict[str, tuple[subprocess.Popen, int]] = {}
         for dc in self.topology.dc_names():
             d = self.dc_dir(dc)
@@ -650,6 +652,69 @@ class Lab:
                                    f"stop what started with: python -m lab down")
                 time.sleep(0.1)
         return changes
+
+    # -- the origin server (lab/origin.py) on its host
+
+    def _origin_pid_file(self) -> Path:
+        return self.state_dir / "origin.pid"
+
+    def origin_pid(self) -> int | None:
+        """The PID of the lab's origin server, if that process is still ours."""
+        try:
+            pid = int(self._origin_pid_file().read_text().strip())
+        except (OSError, ValueError):
+            return None
+        cmd = _cmdline(pid)
+        return pid if _alive(pid) and "lab.origin" in cmd and str(self.state_dir) in cmd \
+            else None
+
+    def _origin_up(self, pki: Path, make_lab_pki: Callable[..., Path]) -> list[str]:
+        """Start the origin (TLS, a certificate for its name from the lab CA)."""
+        o = self.topology.origin
+        if o is None or self.origin_pid() is not None:
+            return []
+        changes = []
+        if not (pki / "origin.crt").exists():
+            make_lab_pki(pki, {"origin": [o.name]})
+            changes.append(f"origin certificate for {o.name} in {pki}")
+        node = self.topology.node(o.host)
+        link = node.link(self.topology.public.name)
+        argv = [self.python, "-m", "lab.origin", "--port", str(o.port),
+                "--cert", str(pki / "origin.crt"), "--key", str(pki / "origin.key")]
+        for ip in (link.v4, link.v6):
+            if ip is not None:
+                argv += ["--listen", str(ip)]
+        log = self.state_dir / "origin.log"
+        with open(log, "a") as f:
+            offset = f.tell()
+            p = subprocess.Popen(netns.nsenter(self.ns(o.host), argv), stdout=f,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
+                                 env=_env(), start_new_session=True)
+        self._origin_pid_file().write_text(f"{p.pid}\n")
+        deadline = time.monotonic() + ORIGIN_READY_TIMEOUT
+        while True:
+            with open(log, "rb") as f:
+                f.seek(offset)
+                text = f.read().decode(errors="replace")
+            if "listening on" in text:
+                break
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise LabError(f"the origin server did not start (log {log}):\n    "
+                               + "\n    ".join(text.strip().splitlines()[-10:]))
+            time.sleep(0.05)
+        return [*changes, f"{self.ns(o.host)}: origin server started (pid {p.pid})"]
+
+    def _origin_down(self, removed: list[str]) -> None:
+        pid = self.origin_pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + AGENT_STOP_TIMEOUT
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.origin_pid() == pid:
+            os.kill(pid, signal.SIGKILL)
+        removed.append(f"origin server (pid {pid})")
 
     def restart_agent(self, dc: str) -> list[str]:
         """Stop a DC's agent (its programs stay attached) and start it again:
@@ -759,6 +824,7 @@ class Lab:
                 if _alive(pid) and "agent.daemon" in _cmdline(pid):
                     os.kill(pid, signal.SIGKILL)
                 removed.append(f"unrecorded agent in {name} (pid {pid}, {dc})")
+        self._origin_down(removed)
         for dc in dcs:
             self._detach(dc, removed, errors)
         for name in names:      # hosts first: their veths go with them

@@ -34,6 +34,7 @@ from typing import ClassVar
 
 from pyroute2 import NetNS
 
+from agent.l7.proxy import TRACE_PATH
 from lab import netns
 from lab.cluster import ROOT, Lab, LabError
 from lab.topology import Topology, TopologyError, load_topology
@@ -121,11 +122,13 @@ def read_counters(lab: Lab) -> Counters:
 
 def https(lab: Lab, host: str, name: str, address: str, marker: str = "") -> tuple[int, dict]:
     """One HTTPS request with curl from a lab host: (status code, JSON answer).
-    The marker rides inside TLS, in the path and in a request header."""
+    The marker rides inside TLS, in the query and in a request header. The
+    trace path is answered by the edge itself: which DC, region and zone."""
     res = f"[{address}]" if ":" in address else address
     argv = ["curl", "-sS", "--max-time", str(CURL_TIMEOUT),
             "--cacert", str(lab.state_dir / "pki" / "ca.crt"),
-            "--resolve", f"{name}:443:{res}", "-w", "\n%{http_code}", f"https://{name}/{marker}"]
+            "--resolve", f"{name}:443:{res}", "-w", "\n%{http_code}",
+            f"https://{name}{TRACE_PATH}?{marker}"]
     if marker:
         argv += ["-H", f"X-Marker: {marker}"]
     r = lab.exec(host, argv, capture_output=True, text=True, timeout=CURL_TIMEOUT + 10)

@@ -15,8 +15,13 @@ Shape (see lab/topology.yaml for the real one):
     maglev_slots: PRIME                       Maglev table size per region
     dcs:   {NAME: {region, city?, SEGMENT: ADDRS, ...}}   on every segment
     hosts: {NAME: {SEGMENT: ADDRS, ..., anycast_via: DC?}}
-    zones: [{name, hostnames: [...], region?, addresses: [...]}]
+    zones: [{name, hostnames: [...], region?, addresses: [...], l7?: {...}}]
     deny:  [PREFIX, ...]
+    origin: {host: HOST, name: DNSNAME, port: N}   the lab's origin server
+
+A zone's `l7` mapping (origin, page rules, firewall, WAF, cache, bots,
+login) goes as it is into each DC's serve config, which validates it
+(agent/l7/config.py).
 
 ADDRS is one address ("198.18.0.1") or {v4: ..., v6: ...}.
 """
@@ -118,6 +123,16 @@ class Zone:
     hostnames: tuple[str, ...]
     region: str | None
     addresses: tuple[IPAddress, ...]
+    l7: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class OriginHost:
+    """The lab's origin server (lab/origin.py): which host runs it, its name."""
+
+    host: str
+    name: str
+    port: int = 443
 
 
 @dataclass(frozen=True)
@@ -139,6 +154,7 @@ class Topology:
     hosts: tuple[Node, ...]
     zones: tuple[Zone, ...]
     deny: tuple[str, ...]
+    origin: OriginHost | None = None
     source: str = field(default="<topology>", compare=False)
     # The mapping it was read from, so the same network can be handed to
     # another process (`python -m lab provision --topology FILE`).
@@ -270,7 +286,7 @@ class _Validator:
     """Collects every error with its path; each method returns None on failure."""
 
     TOP_KEYS = ("segments", "anycast", "regions", "maglev_slots", "dcs", "hosts", "zones",
-                "deny")
+                "deny", "origin")
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -340,12 +356,32 @@ class _Validator:
         self.cross_checks(dcs, hosts, seg_by_name, anycast)
         zones = self.zones(top.get("zones") or [], regions, anycast, dcs)
         deny = self.deny(top.get("deny") or [])
+        origin = self.origin(top.get("origin"), hosts)
         if self.errors or anycast is None or slots is None:
             return None
         return Topology(segments=tuple(segments), anycast=anycast, regions=tuple(regions or ()),
                         maglev_slots=slots, dcs=tuple(dcs), hosts=tuple(hosts),
-                        zones=tuple(zones), deny=tuple(deny), source=self.source,
-                        data=dict(top))
+                        zones=tuple(zones), deny=tuple(deny), origin=origin,
+                        source=self.source, data=dict(top))
+
+    def origin(self, value: object, hosts: list[Node]) -> OriginHost | None:
+        if value is None:
+            return None
+        m = self.mapping("origin", value, ("host", "name", "port"), required=("host", "name"))
+        if m is None:
+            return None
+        host, name, port = m.get("host"), m.get("name"), m.get("port", 443)
+        ok = True
+        if host not in [h.name for h in hosts]:
+            self.err("origin.host", "is not one of hosts", host)
+            ok = False
+        if not isinstance(name, str) or not HOSTNAME_RE.match(name):
+            self.err("origin.name", "is not a host name", name)
+            ok = False
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            self.err("origin.port", "is not a port (1-65535)", port)
+            ok = False
+        return OriginHost(str(host), str(name), port) if ok else None
 
     def segments(self, value: object) -> list[Segment]:
         segs = self.mapping("segments", value, None)
@@ -545,7 +581,7 @@ class _Validator:
         owner: dict[IPAddress, tuple[str, str | None]] = {}
         for i, raw in enumerate(value):
             path = f"zones[{i}]"
-            m = self.mapping(path, raw, ("name", "hostnames", "region", "addresses"),
+            m = self.mapping(path, raw, ("name", "hostnames", "region", "addresses", "l7"),
                              required=("name", "hostnames", "addresses"))
             if m is None:
                 continue
@@ -590,8 +626,13 @@ class _Validator:
                                 "so a regional zone needs its own", str(ip))
                 owner.setdefault(ip, (str(name), region))
                 addrs.append(ip)
+            l7 = m.get("l7") or {}
+            if not isinstance(l7, Mapping):
+                self.err(f"{path}.l7", "must be a mapping (the zone's serve settings)", l7)
+                l7 = {}
             if isinstance(name, str):
-                out.append(Zone(name, tuple(str(h) for h in hostnames), region, tuple(addrs)))
+                out.append(Zone(name, tuple(str(h) for h in hostnames), region, tuple(addrs),
+                                dict(l7)))
         return out
 
     def deny(self, value: object) -> list[str]:

@@ -11,6 +11,7 @@ APT_PACKAGES=(
   python3-bpfcc bpfcc-tools libbpf1 linux-headers-amd64 bpftool iproute2
   nftables xdp-tools tcpdump ethtool python3-venv python3-dev gcc make
   iputils-ping util-linux curl ruby vagrant
+  nginx-light libnginx-mod-http-modsecurity modsecurity-crs wrk testssl.sh
 )
 
 phase() { printf '\n== setup: %s\n' "$*"; }

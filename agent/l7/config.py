@@ -24,6 +24,7 @@ import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -35,6 +36,9 @@ from pydantic import (
 )
 
 from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
+from agent.l7.cache import CacheStoreSettings, CacheZoneSettings
+from agent.l7.credstuff import LoginSettings
+from agent.l7.waf import WafSettings
 
 __all__ = ["REFUSE", "ConfigError", "ServeConfig", "Zone", "load_serve_config",
            "normalise_ip", "parse_serve_config"]
@@ -137,6 +141,40 @@ class RateLimitCfg(Frozen):
         return self
 
 
+class OriginCfg(Frozen):
+    """Where a zone's requests go after the edge: https (verified) or http."""
+
+    url: str = Field(min_length=1)            # http(s)://host[:port]; no path
+    verify: bool = True                       # https: check certificate and name
+    ca_file: str | None = None                # https: trust this CA instead of the system's
+    server_name: str | None = None            # https: SNI and name to verify, if not the host
+    connect_timeout: float = Field(default=5.0, gt=0, le=120)
+    response_timeout: float = Field(default=30.0, gt=0, le=600)   # to the response head
+    read_timeout: float = Field(default=30.0, gt=0, le=600)       # between body reads
+    pool: int = Field(default=16, ge=0, le=1024)                  # idle connections kept
+
+    @field_validator("url")
+    @classmethod
+    def _origin_url(cls, v: str) -> str:
+        u = urlsplit(v)
+        if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") \
+                or u.query or u.fragment or u.username:
+            raise ValueError(f"{v!r} is not an origin: http://host[:port] or https://host[:port]")
+        try:
+            u.port  # noqa: B018  (raises on a bad port)
+        except ValueError:
+            raise ValueError(f"{v!r}: the port is not a number in 0-65535") from None
+        return v
+
+
+class BotSettings(Frozen):
+    """What the zone does with requests that look automated (agent/l7/bots.py)."""
+
+    mode: Literal["off", "challenge", "block"] = "challenge"
+    threshold: int = Field(default=60, ge=1, le=100)   # score at which mode applies
+    challenge_ttl: int = Field(default=3600, ge=60, le=86400)  # cookie lifetime, seconds
+
+
 class Zone(Frozen):
     """A customer zone as the L7 front end sees it."""
 
@@ -148,6 +186,11 @@ class Zone(Frozen):
     page_rules: tuple[PageRuleCfg, ...] = ()
     firewall: tuple[FirewallRuleCfg, ...] = ()
     rate_limits: tuple[RateLimitCfg, ...] = ()
+    origin: OriginCfg | None = None  # None: the edge answers itself (a small JSON document)
+    bots: BotSettings = BotSettings()
+    login: LoginSettings = LoginSettings()   # credential stuffing (agent/l7/credstuff.py)
+    cache: CacheZoneSettings = CacheZoneSettings()
+    waf: WafSettings = WafSettings()
 
     @property
     def regional(self) -> bool:
@@ -188,6 +231,9 @@ class ServeConfig(Frozen):
     idle_timeout: float = Field(default=30.0, gt=0, le=600)     # kept-alive, between requests
     http: HttpLimits = HttpLimits()
     countries: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # for ip.geoip.country
+    tls_resumption: bool = True        # false: every connection is a full handshake
+    cache_store: CacheStoreSettings = CacheStoreSettings()   # shared by the zones
+    client_ip_header: str = Field(default="True-Client-IP", pattern=r"^[A-Za-z0-9-]{1,64}$")
 
     @field_validator("countries")
     @classmethod

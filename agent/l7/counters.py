@@ -48,6 +48,16 @@ class RuleAction(enum.StrEnum):
     FW_LOG = "fw_log"
     FW_SKIP = "fw_skip"
     RATE_LIMITED = "rate_limited"
+    CHALLENGE_ISSUED = "challenge_issued"   # firewall or bots: the cookie challenge sent
+    CHALLENGE_PASSED = "challenge_passed"   # came back with a valid cookie
+    BOT_BLOCK = "bot_block"                 # a known attack tool, or bots mode block
+    WAF_BLOCK = "waf_block"
+    WAF_SCORED = "waf_scored"               # some rule matched, under the threshold
+    LOGIN_BLOCK = "login_block"             # credential stuffing: over a failure rate
+    LOGIN_LEAKED = "login_leaked"           # a leaked password was submitted
+    LOOP = "loop"                           # the request came through privedge already
+    ORIGIN_ERROR = "origin_error"           # 502 to the client
+    ORIGIN_TIMEOUT = "origin_timeout"       # 504 to the client
 
 
 class Counters:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import h11
@@ -57,14 +57,33 @@ class Request:
 
 @dataclass
 class Response:
+    """What the handler answers. A `stream` (an origin's body, read as it
+    arrives) replaces `body`; `length` is its Content-Length when known,
+    else the body goes chunked (or to the close, for an HTTP/1.0 client).
+    `content_type` None: the headers already carry one (or none is due)."""
+
     status: int
     body: bytes = b""
     headers: list[tuple[str, str]] = field(default_factory=list)
-    content_type: str = "text/plain; charset=utf-8"
+    content_type: str | None = "text/plain; charset=utf-8"
     close: bool = False
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def _close_stream(stream: AsyncIterator[bytes]) -> None:
+    """Let an unfinished body stream release what it holds (its origin connection)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
+
+
+class StreamBroken(Exception):
+    """A streamed body failed after its head was sent."""
 
 
 class _Refuse(Exception):
@@ -101,7 +120,14 @@ class Http1Session:
                 return
             first = False
             response = await self.handler(request)
-            await self._send(response, request)
+            try:
+                await self._send(response, request)
+            except StreamBroken:
+                # The head is out and the body cannot be finished: cut the
+                # connection so the client sees a truncated response, never
+                # a complete-looking short one.
+                self.writer.transport.abort()
+                return
             if response.close or self.conn.our_state is not h11.DONE or \
                     self.conn.their_state is not h11.DONE:
                 return
@@ -185,16 +211,52 @@ class Http1Session:
     # -- writing --------------------------------------------------------------------
 
     async def _send(self, r: Response, request: Request) -> None:
-        headers = [("Content-Type", r.content_type), ("Content-Length", str(len(r.body))),
-                   (REQUEST_ID, request.request_id), *r.headers]
+        length = r.length if r.stream is not None else len(r.body)
+        headers = [(REQUEST_ID, request.request_id), *r.headers]
+        if r.content_type is not None:
+            headers.insert(0, ("Content-Type", r.content_type))
+        if length is not None and r.status not in (204, 304) and r.status >= 200:
+            headers.insert(0, ("Content-Length", str(length)))
         if r.close:
             headers.append(("Connection", "close"))
         out = self.conn.send(h11.Response(status_code=r.status, headers=headers))
-        if r.body and request.method != "HEAD":  # HEAD: the length, not the bytes
-            out += self.conn.send(h11.Data(data=r.body))
-        out += self.conn.send(h11.EndOfMessage())
+        head_only = request.method == "HEAD" or r.status in (204, 304)
+        if r.stream is not None:
+            try:
+                if not head_only:
+                    await self._stream(r.stream, out)
+                    out = b""
+                out += self.conn.send(h11.EndOfMessage())
+            except h11.LocalProtocolError:  # the origin's body disagreed with its length
+                raise StreamBroken("body length") from None
+            finally:
+                await _close_stream(r.stream)
+        else:
+            if r.body and not head_only:  # HEAD: the length, not the bytes
+                out += self.conn.send(h11.Data(data=r.body))
+            out += self.conn.send(h11.EndOfMessage())
         self.writer.write(out)
         await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout)
+
+    async def _stream(self, chunks: AsyncIterator[bytes], head: bytes) -> None:
+        """Write the head, then each chunk as it comes; drain paces the
+        origin to the client, so a slow client never buffers a whole body."""
+        self.writer.write(head)
+        while True:
+            try:
+                chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except (OSError, StreamBroken) as e:
+                raise StreamBroken(str(e)) from None
+            except Exception as e:  # the origin's errors (OriginError): same outcome
+                raise StreamBroken(type(e).__name__) from None
+            if chunk:
+                self.writer.write(self.conn.send(h11.Data(data=chunk)))
+                try:
+                    await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout)
+                except TimeoutError:  # a client that stopped reading
+                    raise StreamBroken("client stalled") from None
 
     async def _refuse(self, status: int) -> None:
         """Answer a refused request, if the protocol still allows an answer."""

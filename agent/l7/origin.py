@@ -69,6 +69,18 @@ class Origin:
 
     async def request(self, method: str, target: str,
                       headers: Sequence[tuple[str, str]], body: bytes = b"") -> OriginResponse:
+        """The whole response, body buffered (bounded by max_body)."""
+        stream = await self.open(method, target, headers, body)
+        try:
+            data = await stream.read(self.max_body)
+        finally:
+            await stream.aclose()
+        return OriginResponse(stream.status, stream.headers, data)
+
+    async def open(self, method: str, target: str,
+                   headers: Sequence[tuple[str, str]], body: bytes = b"") -> OriginStream:
+        """Send the request and read the response head; the body is read
+        as the caller iterates the returned stream (which must be closed)."""
         attempts = 2 if method in IDEMPOTENT else 1
         for attempt in range(attempts):
             reused = bool(self._idle)
@@ -125,27 +137,18 @@ class Origin:
             raise _BeforeResponse(str(e) or type(e).__name__) from None
         if not isinstance(event, h11.Response):
             raise OriginError(502, f"origin {self.host}: no response")
-        parts, size = [], 0
-        while True:
-            ev = await self._next(conn, self.read_timeout)
-            if isinstance(ev, h11.Data):
-                size += len(ev.data)
-                if size > self.max_body:
-                    raise OriginError(502, f"origin {self.host}: body over {self.max_body} bytes")
-                parts.append(bytes(ev.data))
-            elif isinstance(ev, h11.EndOfMessage):
-                break
-            else:
-                raise OriginError(502, f"origin {self.host}: response cut short")
+        headers_out = tuple((n.decode("latin-1").lower(), v.decode("latin-1"))
+                            for n, v in event.headers)
+        return OriginStream(self, conn, event.status_code, headers_out)
+
+    def _release(self, conn: _Conn) -> None:
+        """A finished exchange: keep the connection for the next one if we can."""
         if conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE and \
                 len(self._idle) < self.pool_size:
             conn.h11.start_next_cycle()
             self._idle.append(conn)
         else:
             self._close(conn)
-        headers_out = tuple((n.decode("latin-1").lower(), v.decode("latin-1"))
-                            for n, v in event.headers)
-        return OriginResponse(event.status_code, headers_out, b"".join(parts))
 
     async def _next(self, conn: _Conn, timeout: float, first: bool = False) -> h11.Event:
         while True:
@@ -173,6 +176,64 @@ class Origin:
     @staticmethod
     def _close(conn: _Conn) -> None:
         conn.writer.close()
+
+
+class OriginStream:
+    """A response whose head has arrived; its body is read on demand.
+
+    Iterating yields the body's chunks as the origin sends them (each read
+    within read_timeout); at the end the connection goes back to the pool.
+    Closed early, the connection is dropped: it still carries unread body.
+    """
+
+    def __init__(self, origin: Origin, conn: _Conn, status: int,
+                 headers: tuple[tuple[str, str], ...]) -> None:
+        self.origin, self._conn = origin, conn
+        self.status, self.headers = status, headers
+        self._done = False
+
+    @property
+    def length(self) -> int | None:
+        """Content-Length, if the origin sent one (else chunked or to close)."""
+        value = next((v for n, v in self.headers if n == "content-length"), None)
+        return int(value) if value is not None and value.isdigit() else None
+
+    def __aiter__(self) -> OriginStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        origin = self.origin
+        try:
+            event = await origin._next(self._conn, origin.read_timeout)
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        self._done = True
+        if isinstance(event, h11.EndOfMessage):
+            origin._release(self._conn)
+            raise StopAsyncIteration
+        origin._close(self._conn)
+        raise OriginError(502, f"origin {origin.host}: response cut short")
+
+    async def read(self, limit: int) -> bytes:
+        """The rest of the body; OriginError 502 past `limit` bytes."""
+        parts, size = [], 0
+        async for chunk in self:
+            size += len(chunk)
+            if size > limit:
+                await self.aclose()
+                raise OriginError(502, f"origin {self.origin.host}: body over {limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self._done = True
+            self.origin._close(self._conn)
 
 
 class _BeforeResponse(Exception):

@@ -11,7 +11,9 @@ Settings a rule may carry (all optional):
   edge_ttl        seconds an object may stay cached (overrides the origin)
   always_https    answer plain HTTP with a redirect to HTTPS
   forwarding_url  {status: 301|302, url: "https://new.example/$1"}: answer
-                  with a redirect; $1..$9 are what the pattern's stars took
+                  with a redirect; $1..$9 are what the pattern's stars took;
+                  the query string is kept unless the pattern matched it
+                  or the target URL has its own
   disable_waf     skip the managed WAF rules
 Patterns are checked when the config is loaded; errors name the rule.
 """
@@ -106,6 +108,10 @@ class PageRules:
             if settings.forwarding_url is not None:
                 url = re.sub(r"\$(\d)", lambda m, g=groups: g[int(m.group(1)) - 1],
                              settings.forwarding_url.url)
+                # The request's query goes along, as users expect of a moved
+                # page, unless the pattern consumed it or the target has one.
+                if query and not with_query and "?" not in url:
+                    url = f"{url}?{query}"
                 redirect = (settings.forwarding_url.status, url)
             return Match(i, settings, redirect)
         return Match(None, Settings())

@@ -2,7 +2,7 @@
 
     page rules   a forwarding URL answers with its redirect; always-HTTPS
                  answers plain HTTP with one
-    firewall     block (403), challenge (403 until the bot challenge comes),
+    firewall     block (403), challenge (the bot challenge decides, later),
                  allow (the rest of the security stages are skipped), log,
                  skip (the rest of the firewall rules are skipped)
     rate limits  over the rate: 429 with Retry-After
@@ -37,6 +37,8 @@ class Outcome:
     response: Response | None       # set: the request ends here
     settings: Settings              # the page rule settings for what follows
     allowed: bool = False           # a firewall allow rule matched
+    challenge: bool = False         # a firewall challenge rule matched: the bot
+                                    # challenge decides (agent/l7/proxy.py)
 
 
 def _cookie_names(header: str) -> frozenset[str]:
@@ -96,15 +98,13 @@ class ZonePipeline:
         if verdict.action == "block":
             return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
                            settings)
-        if verdict.action == "challenge":
-            return Outcome(Response(403, b"403 Forbidden: a challenge is required\n"),
-                           settings)
         if verdict.action == "allow":
             return Outcome(None, settings, allowed=True)
 
+        challenge = verdict.action == "challenge"
         limited = self.rate_limiter.check(client, path, headers, now)
         if not limited.allowed:
             self.counters.action(self.zone, RuleAction.RATE_LIMITED)
             return Outcome(Response(429, b"429 Too Many Requests\n",
                                     [("Retry-After", str(limited.retry_after))]), settings)
-        return Outcome(None, settings)
+        return Outcome(None, settings, challenge=challenge)

@@ -47,15 +47,20 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import uvloop
+
+from agent.l7.bots import Challenge
+from agent.l7.cache import Cache, CacheDirError
 from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normalise_ip
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
 from agent.l7.http1 import Http1Session, Limits, Request, Response
-from agent.l7.pipeline import ZonePipeline
+from agent.l7.proxy import ZoneProxy
 
 log = logging.getLogger("privedge.l7")
 
@@ -86,7 +91,8 @@ def _target_matches_host(target: str, host: str | None) -> bool:
         and authority.lower() == host.lower()
 
 
-def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+def tls_context(cert: Path | None = None, key: Path | None = None,
+                resumption: bool = True) -> ssl.SSLContext:
     """A server context with this project's TLS settings, and a chain if given.
 
     The front context (no chain) and each zone's context share settings:
@@ -103,14 +109,17 @@ def tls_context(cert: Path | None = None, key: Path | None = None) -> ssl.SSLCon
     # DCs. With OP_NO_TICKET, TLS 1.3 hands out stateful tickets that are
     # only a cache key; the secrets stay in this process's memory.
     ctx.options |= ssl.OP_NO_TICKET
-    ctx.num_tickets = 1
+    # No ticket at all refuses TLS 1.3 resumption (benchmarks of full
+    # handshakes; clients such as wrk resume whenever they can).
+    ctx.num_tickets = 1 if resumption else 0
     ctx.set_alpn_protocols(["http/1.1"])
     if cert is not None:
         ctx.load_cert_chain(cert, key)
     return ctx
 
 
-def load_zone_contexts(certs: Path, zones: Iterable[str]) -> dict[str, ssl.SSLContext]:
+def load_zone_contexts(certs: Path, zones: Iterable[str],
+                       resumption: bool = True) -> dict[str, ssl.SSLContext]:
     """One context per zone from <certs>/<zone>.crt and .key (and an RSA
     twin from <zone>.rsa.crt and .rsa.key); every problem listed.
 
@@ -132,7 +141,7 @@ def load_zone_contexts(certs: Path, zones: Iterable[str]) -> dict[str, ssl.SSLCo
                 problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read the "
                                 f"private key; chmod 600 {key}")
                 continue
-            ctx = tls_context(crt, key)
+            ctx = tls_context(crt, key, resumption)
             # An RSA twin, if there is one: OpenSSL then picks per client
             # (ECDSA for those that offer it, RSA for the rest).
             rsa_crt, rsa_key = certs / f"{zone}.rsa.crt", certs / f"{zone}.rsa.key"
@@ -236,18 +245,30 @@ def _quiet_exception_handler(loop: asyncio.AbstractEventLoop, context: dict) -> 
 class L7Server:
     """The asyncio front end for one ServeConfig; the only I/O of agent/l7."""
 
-    def __init__(self, cfg: ServeConfig, counters: Counters | None = None) -> None:
-        """Build the guard and load the certificates; ServeError lists problems."""
+    def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
+                 cache: Cache | None = None) -> None:
+        """Build the guard and load the certificates; ServeError lists problems.
+
+        `cache`: a store that outlives this server (the daemon keeps one
+        across reloads); without it, start() makes one and stop() empties it.
+        Nothing is made on disk before start(), so a server built only to
+        check a config leaves a running one's cache alone."""
         self.cfg = cfg
         self.guard = Guard(cfg)
         self.counters = counters or Counters(z.name for z in cfg.zones)
         self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
-        self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable)
+        self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable,
+                                            cfg.tls_resumption)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
         countries = CountryTable(cfg.countries)
-        self._pipelines = {z.name: ZonePipeline(z, self.counters, countries) for z in cfg.zones
-                           if z.name in self.guard.servable}
-        self._front = tls_context()
+        # Shared by the zones: the challenge key and the cache store, both
+        # in this process's memory only.
+        self.challenge = Challenge()
+        self.cache = cache
+        self._own_cache = cache is None
+        self._proxies = {z.name: ZoneProxy(cfg, z, self.counters, countries, self.challenge)
+                         for z in cfg.zones if z.name in self.guard.servable}
+        self._front = tls_context(resumption=cfg.tls_resumption)
         self._front.sni_callback = self._on_sni
         self._listeners: list[socket.socket] = []
         self._plain: list[socket.socket] = []   # plain HTTP (cfg.plain_port)
@@ -272,6 +293,13 @@ class L7Server:
         if loop.get_exception_handler() is None:
             loop.set_exception_handler(_quiet_exception_handler)
         try:
+            if self.cache is None:
+                try:
+                    self.cache = Cache(self.cfg.cache_store)
+                except CacheDirError as e:
+                    raise ServeError(f"cache_store.disk_dir: {e}") from None
+            for proxy in self._proxies.values():
+                proxy.cache = self.cache
             for address in self.cfg.listen:
                 self._listeners.append(_listener(address, self.cfg.port))
                 if self.cfg.plain_port is not None:
@@ -307,6 +335,11 @@ class L7Server:
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        for proxy in self._proxies.values():
+            await proxy.close()
+        if self._own_cache and self.cache is not None:
+            self.cache.close()  # its disk objects go; their key was only in memory
+            self.cache = None
         if self._status is not None:
             self._status.close()
             with contextlib.suppress(TimeoutError):
@@ -420,7 +453,7 @@ class L7Server:
         """HTTP/1.1 on the connection, requests answered until it ends."""
 
         async def handle(request: Request) -> Response:
-            return self._answer(request, zone, client, tls=True)
+            return await self._answer(request, zone, client, tls=True)
 
         await Http1Session(reader, writer, self.limits, self.counters, handle).run()
 
@@ -438,7 +471,7 @@ class L7Server:
                 path = request.target if request.target.startswith("/") else "/"
                 location = f"https://{host_name(request.host)}{path}"
                 return Response(301, b"", [("Location", location)])
-            return self._answer(request, decision.zone, client, tls=False)
+            return await self._answer(request, decision.zone, client, tls=False)
 
         try:
             await Http1Session(reader, writer, self.limits, self.counters, handle).run()
@@ -450,29 +483,28 @@ class L7Server:
         except OSError:
             writer.transport.abort()
 
-    def _answer(self, request: Request, zone: str, client: str, tls: bool) -> Response:
-        """The zone's checks, its rules (agent/l7/pipeline.py), and for now an
-        answer naming the DC. The request goes no further than this function."""
+    async def _answer(self, request: Request, zone: str, client: str, tls: bool) -> Response:
+        """The connection-level checks, then the zone's path (agent/l7/proxy.py)."""
         if not _target_matches_host(request.target, request.host):
             self.counters.request_error(RequestError.MALFORMED)
             return Response(400, b"400 Bad Request\n", close=True)
         if tls and not self.guard.by_host(request.host, zone).serve:
             self.counters.refused(Refusal.MISDIRECTED)
             return Response(421, b"this connection does not serve that host\n")
-        outcome = self._pipelines[zone].run(request, client, tls)
-        if outcome.response is not None:
-            return outcome.response
-        body = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region, "zone": zone,
-                           "request_id": request.request_id}).encode() + b"\n"
-        self.counters.served(zone)
-        return Response(200, body, [("X-Privedge-DC", self.cfg.dc), ("X-Privedge-Zone", zone)],
-                        content_type="application/json")
+        return await self._proxies[zone].handle(request, client, tls)
 
-    async def _serve_status(self, _reader: asyncio.StreamReader,
+    async def _serve_status(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
-        """One JSON line of counters, then close."""
-        line = json.dumps({"dc": self.cfg.dc, "region": self.cfg.region,
-                           **self.counters.snapshot()}, sort_keys=True) + "\n"
+        """One JSON command line in, one JSON line out, then close:
+        {"cmd": "status"} (counters), or {"cmd": "purge", "zone": Z} with
+        "url" (one URL, every variant) or "prefix" (a URL prefix), or
+        neither (the whole zone)."""
+        try:
+            raw = await asyncio.wait_for(reader.readline(), STATUS_TIMEOUT)
+            answer = self._command(json.loads(raw) if raw.strip() else {"cmd": "status"})
+        except (OSError, TimeoutError, ValueError) as e:
+            answer = {"error": f"not a command: {e}"}
+        line = json.dumps(answer, sort_keys=True) + "\n"
         try:
             writer.write(line.encode())
             await asyncio.wait_for(writer.drain(), STATUS_TIMEOUT)
@@ -483,8 +515,40 @@ class L7Server:
             with contextlib.suppress(OSError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), STATUS_TIMEOUT)
 
+    def _command(self, doc: object) -> dict[str, object]:
+        cmd = doc.get("cmd") if isinstance(doc, dict) else None
+        if cmd == "status":
+            return {"dc": self.cfg.dc, "region": self.cfg.region, **self.counters.snapshot(),
+                    "cache": self.cache.stats() if self.cache is not None else {}}
+        if cmd != "purge":
+            return {"error": f"unknown command {cmd!r} (status, purge)"}
+        zone = doc.get("zone")
+        if zone not in self._proxies or self.cache is None:
+            return {"error": f"zone {zone!r} is not served here "
+                             f"(zones: {', '.join(self._proxies) or 'none'})"}
+        url, prefix = doc.get("url"), doc.get("prefix")
+        if url is not None and prefix is not None:
+            return {"error": "give url or prefix, not both"}
+        if url is None and prefix is None:
+            return {"purged": self.cache.purge_zone(zone)}
+        parts = urlsplit(str(url if url is not None else prefix))
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in ("http", "https") or not host:
+            return {"error": f"{url or prefix!r} is not an http(s) URL"}
+        if self.guard.by_sni(host).zone != zone:
+            return {"error": f"{host} is not a hostname of zone {zone}"}
+        if url is not None:
+            return {"purged": self.cache.purge_url(zone, host, parts.path or "/", parts.query)}
+        return {"purged": self.cache.purge_prefix(zone, host, parts.path or "/")}
+
 
 # --------------------------------------------------------------------------- thread
+
+
+def run_loop(main: Coroutine[object, object, None]) -> None:
+    """Run on uvloop: its TCP and TLS paths cost less CPU per request."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main)
 
 
 class ServerThread:
@@ -494,8 +558,9 @@ class ServerThread:
     once the server listens (or raises ServeError), `handle.stop()` ends it.
     """
 
-    def __init__(self, cfg: ServeConfig, counters: Counters | None = None) -> None:
-        self.server = L7Server(cfg, counters)  # certificate problems raise here, in the caller
+    def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
+                 cache: Cache | None = None) -> None:
+        self.server = L7Server(cfg, counters, cache)  # certificate problems raise here
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -531,7 +596,7 @@ class ServerThread:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        asyncio.run(self._main())
+        run_loop(self._main())
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -551,9 +616,9 @@ class ServerThread:
 
 
 def run_in_thread(cfg: ServeConfig, counters: Counters | None = None,
-                  timeout: float = 10.0) -> ServerThread:
+                  timeout: float = 10.0, cache: Cache | None = None) -> ServerThread:
     """Start an L7Server in a thread; returns once it listens. Stop with .stop()."""
-    return ServerThread(cfg, counters).start(timeout)
+    return ServerThread(cfg, counters, cache).start(timeout)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -597,7 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             print(f"{args.config}: valid; nothing was started")
             return 0
-        asyncio.run(_serve_until_signal(server))
+        run_loop(_serve_until_signal(server))
         return 0
     except (ConfigError, ServeError) as e:
         print(f"privedge-l7: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ import pytest
 from scapy.layers.inet import IP
 from scapy.utils import rdpcap
 
+from agent.l7.proxy import TRACE_PATH
 from lab.cluster import Lab
 from lab.topology import load_topology
 
@@ -71,7 +72,7 @@ def served(status: dict, zone: str) -> int:
 def https(lab: Lab, host: str, name: str, address: str, marker: str = "",
           timeout: float = 8) -> subprocess.CompletedProcess:
     """One HTTPS request with curl from a lab host; the marker rides inside TLS."""
-    url = f"https://{name}/{marker}"
+    url = f"https://{name}{TRACE_PATH}?{marker}"  # answered by the edge: DC, region, zone
     return subprocess.run(
         [*_ns(lab, host), "curl", "-sS", "--max-time", str(timeout),
          "--cacert", str(lab.state_dir / "pki" / "ca.crt"),

@@ -239,29 +239,29 @@ def test_link_configs_are_valid_agent_configs(topo, iad) -> None:
 
 
 def test_serve_config(iad) -> None:
+    """What the lab writes for a DC's front end is a valid serve config: the
+    zones with their topology l7 settings, the lab CA trusted for the origin."""
+    from agent.l7.config import parse_serve_config
+
     state, cfgs = iad
-    assert cfgs["serve.yaml"] == {
-        "dc": "iad",
-        "region": "us",
-        "listen": ["0.0.0.0", "::"],
-        "port": 443,
-        "plain_port": 80,
-        "certs": str(state / "pki"),
-        "status_socket": str(state / "iad" / "l7.sock"),
-        "unknown_sni": "refuse",
-        "zones": [
-            {"name": "www", "hostnames": ["www.example.com"],
-             "addresses": ["198.51.100.10", "2001:db8:100::10"]},
-            {"name": "shop-eu", "hostnames": ["shop.example.eu"], "region": "eu",
-             "addresses": ["198.51.100.65", "2001:db8:100::65"]},
-        ],
-    }
+    serve = cfgs["serve.yaml"]
+    assert (serve["dc"], serve["region"], serve["port"], serve["plain_port"]) == \
+        ("iad", "us", 443, 80)
+    assert serve["status_socket"] == str(state / "iad" / "l7.sock")
+    assert serve["cache_store"]["disk_dir"] == str(state / "iad" / "cache")
+    cfg = parse_serve_config(yaml.safe_load(render(serve)), "serve.yaml")
+    www, shop = cfg.zone("www"), cfg.zone("shop-eu")
+    assert www.hostnames == ("www.example.com",) and shop.region == "eu"
+    assert www.origin.url == "https://203.0.113.80"
+    assert www.origin.ca_file == str(state / "pki" / "ca.crt")
+    assert www.login.endpoints and www.firewall and www.rate_limits and www.page_rules
 
 
 def test_vm_configs_use_the_vm_interfaces_and_no_namespace(topo) -> None:
     paths = DcPaths(ifnames={"inet": "eth1", "bb": "eth2"}, netns=None,
                     bpffs="/sys/fs/bpf/privedge", run_dir="/run/privedge",
-                    certs="/etc/privedge/pki", status_socket="/run/privedge/l7.sock")
+                    certs="/etc/privedge/pki", status_socket="/run/privedge/l7.sock",
+                    cache_dir="/run/privedge/cache")
     cfgs = dc_configs(topo, "dus", paths)
     inet, bb = cfgs["inet0.yaml"], cfgs["bb0.yaml"]
     assert inet["interface"] == "eth1" and bb["interface"] == "eth2"
