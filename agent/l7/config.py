@@ -175,6 +175,20 @@ class BotSettings(Frozen):
     challenge_ttl: int = Field(default=3600, ge=60, le=86400)  # cookie lifetime, seconds
 
 
+class HstsCfg(Frozen):
+    """Strict-Transport-Security on the zone's HTTPS answers (RFC 6797)."""
+
+    max_age: int = Field(default=15552000, ge=0, le=63072000)   # seconds; 0 revokes
+    include_subdomains: bool = False
+    preload: bool = False
+
+    @property
+    def header(self) -> str:
+        return "; ".join([f"max-age={self.max_age}",
+                          *(["includeSubDomains"] if self.include_subdomains else []),
+                          *(["preload"] if self.preload else [])])
+
+
 class Zone(Frozen):
     """A customer zone as the L7 front end sees it."""
 
@@ -191,6 +205,7 @@ class Zone(Frozen):
     login: LoginSettings = LoginSettings()   # credential stuffing (agent/l7/credstuff.py)
     cache: CacheZoneSettings = CacheZoneSettings()
     waf: WafSettings = WafSettings()
+    hsts: HstsCfg | None = None      # None: no HSTS header (the zone's owner decides)
 
     @property
     def regional(self) -> bool:

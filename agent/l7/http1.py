@@ -1,37 +1,47 @@
-"""HTTP/1.1 on one TLS connection, parsed by h11 (not by hand).
+"""HTTP/1.1 on one connection, parsed by httptools (llhttp, not by hand).
 
-One `Http1Session` per connection reads requests, hands each complete one
-(head and body) to the pipeline's handler, and writes the handler's
-response, for as many requests as keep-alive allows. It owns the limits
-that keep a client from holding the server hostage:
+One `Http1Protocol` per connection (TLS or plain) turns bytes into complete
+requests (head and body), hands each to the handler, and writes its
+response, for as many requests as keep-alive allows, in order (pipelined
+requests wait their turn; reading pauses while two are queued). A handler
+answers at once with a Response (a cache hit, a refusal: no task, no
+await) or with an awaitable of one (an origin fetch). The limits that keep
+a client from holding the server hostage:
 
   head      at most `head_bytes` of request line and headers (431), at most
             `headers` header fields (431), complete within `head_timeout`
-            of its first byte being awaited (408: a slowloris is closed)
+            of its first byte (408: a slowloris is closed)
   body      at most `body_bytes` (413), each read within `body_timeout`
-            (408); chunked and Content-Length bodies alike (h11 decodes)
+            (408); chunked and Content-Length bodies alike (llhttp decodes)
   idle      a request must start within `idle_timeout`: the first one gets
             408 after that, a kept-alive connection is closed quietly
 
-Malformed requests get 400. Every response carries X-Request-Id, the id
-the pipeline logs and sends on to the origin. Nothing here logs or keeps
-any part of a request: the handler gets it, and it is dropped after.
+Malformed requests get 400 (and so do upgrades and CONNECT: this edge
+proxies plain HTTP requests only). Every response carries X-Request-Id,
+the id sent on to the origin. A response's body is bytes, or a stream
+(an origin's body as it arrives) written with the transport's flow
+control, so a slow client never makes the edge buffer a whole body.
+Nothing here logs or keeps any part of a request after it is answered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
+import logging
+import os
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from http import HTTPStatus
 
-import h11
+import httptools
 
 from agent.l7.counters import Counters, RequestError
 
-READ_SIZE = 65536
 REQUEST_ID = "X-Request-Id"
+QUEUE_PAUSE = 2          # requests parsed ahead of the one answered: stop reading
+log = logging.getLogger("privedge.l7")
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,7 @@ class Request:
     body: bytes
     request_id: str
     http_version: str
+    keep_alive: bool = True                # the client allows another request after
 
 
 @dataclass
@@ -71,15 +82,7 @@ class Response:
     length: int | None = None
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-async def _close_stream(stream: AsyncIterator[bytes]) -> None:
-    """Let an unfinished body stream release what it holds (its origin connection)."""
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(Exception):
-            await aclose()
+Handler = Callable[[Request], "Response | Awaitable[Response]"]
 
 
 class StreamBroken(Exception):
@@ -94,182 +97,378 @@ class _Refuse(Exception):
         self.status, self.error = status, error
 
 
-REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
-           431: "Request Header Fields Too Large"}
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
-class Http1Session:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 limits: Limits, counters: Counters, handler: Handler) -> None:
-        self.reader, self.writer = reader, writer
-        self.limits, self.counters, self.handler = limits, counters, handler
-        # h11 refuses a head over this size with 431 on its own.
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.head_bytes)
+def _no_body(status: int) -> bool:
+    return status < 200 or status in (204, 304)
 
-    async def run(self) -> None:
-        """Serve requests until the client or a limit ends the connection."""
-        first = True
-        while True:
-            try:
-                request = await self._read_request(first)
-            except _Refuse as r:
-                self.counters.request_error(r.error)
-                await self._refuse(r.status)
-                return
-            if request is None:
-                return
-            first = False
-            response = await self.handler(request)
-            try:
-                await self._send(response, request)
-            except StreamBroken:
-                # The head is out and the body cannot be finished: cut the
-                # connection so the client sees a truncated response, never
-                # a complete-looking short one.
-                self.writer.transport.abort()
-                return
-            if response.close or self.conn.our_state is not h11.DONE or \
-                    self.conn.their_state is not h11.DONE:
-                return
-            self.conn.start_next_cycle()
 
-    # -- reading --------------------------------------------------------------------
+async def _close_stream(stream: AsyncIterator[bytes]) -> None:
+    """Let an unfinished body stream release what it holds (its origin connection)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(Exception):
+            await aclose()
 
-    async def _fill(self, timeout: float) -> None:
-        data = await asyncio.wait_for(self.reader.read(READ_SIZE), timeout)
-        self.conn.receive_data(data)  # b"" tells h11 the client closed
 
-    def _next(self) -> h11.Event | type[h11.NEED_DATA]:
+class Http1Protocol(asyncio.Protocol):
+    """HTTP/1.x server side of one connection; `start(handler)` begins it.
+
+    Bytes that arrive before start() (the TLS handshake hands the connection
+    over a moment before the server knows the zone) wait in a buffer.
+    `done` resolves when the connection is gone.
+    """
+
+    def __init__(self, limits: Limits, counters: Counters,
+                 handler: Handler | None = None) -> None:
+        self.limits, self.counters = limits, counters
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.handler: Handler | None = handler
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._early: list[bytes] = []
+        self._queue: deque[Request | _Refuse] = deque()
+        self._busy = False                   # a response is being produced or written
+        self._task: asyncio.Task[None] | None = None
+        self._first = True                   # no request answered yet
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drained: asyncio.Future[None] | None = None
+        self._closed = False
+        self._tls = False
+        self._broken = False                 # a refusal is queued: parse no more
+        self._eof = False                    # the client has sent all it will
+        # The request being parsed.
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_size = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+        self._in_head = False
+        self._in_message = False
+
+    # -- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._tls = transport.get_extra_info("ssl_object") is not None
+        self._arm(self.limits.idle_timeout, self._idle_expired)
+
+    def start(self, handler: Handler) -> None:
+        self.handler = handler
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is None:
+            self._early.append(data)
+            return
+        if self._closed or self._broken:
+            return
         try:
-            return self.conn.next_event()
-        except h11.RemoteProtocolError as e:
-            status = e.error_status_hint
-            raise _Refuse(431 if status == 431 else 400,
-                          RequestError.TOO_LARGE if status == 431 else RequestError.MALFORMED
-                          ) from None
+            self._parser.feed_data(data)
+        except httptools.HttpParserCallbackError as e:
+            cause = e.__context__
+            self._refused(cause if isinstance(cause, _Refuse)
+                          else _Refuse(400, RequestError.MALFORMED))
+        except httptools.HttpParserUpgrade:
+            # Upgrades (websockets) and CONNECT are not proxied: a request
+            # completed before it is answered, then the connection ends.
+            last = self._queue[-1] if self._queue else None
+            if isinstance(last, Request) and last.method != "CONNECT":
+                self._refused(_Refuse(0, RequestError.MALFORMED))  # 0: close quietly
+            else:
+                if isinstance(last, Request):
+                    self._queue.pop()
+                self._refused(_Refuse(400, RequestError.MALFORMED))
+        except httptools.HttpParserError:
+            self._refused(_Refuse(400, RequestError.MALFORMED))
+        self._next()
 
-    def _started(self) -> bool:
-        """Has a request begun (bytes of it received, parsed or buffered)?"""
-        return self.conn.their_state is not h11.IDLE or bool(self.conn.trailing_data[0])
+    def _refused(self, refusal: _Refuse) -> None:
+        """Queue a refusal after what is already queued; read and parse no more."""
+        self._broken = True
+        self._queue.append(refusal)
+        self._pause_reading()
 
-    async def _read_request(self, first: bool) -> Request | None:
-        """The next complete request, or None when the client is done."""
-        lim = self.limits
-        loop = asyncio.get_running_loop()
-        deadline: float | None = None   # set by the request's first byte
-        event = self._next()
-        while event is h11.NEED_DATA:
-            if deadline is None and self._started():
-                deadline = loop.time() + lim.head_timeout
-            # Nothing of a request yet: a client may idle this long.
-            timeout = (lim.idle_timeout if deadline is None
-                       else max(deadline - loop.time(), 0.001))
-            try:
-                await self._fill(timeout)
-            except TimeoutError:
-                if deadline is None and not first:
-                    return None  # an idle kept-alive connection: close quietly
-                raise _Refuse(408, RequestError.TIMEOUT) from None
-            event = self._next()
-        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-            return None
-        if not isinstance(event, h11.Request):
-            raise _Refuse(400, RequestError.MALFORMED)
-        # h11 bounds only a head that arrives in pieces; one that came whole
-        # is measured here (line, names, values and their separators).
-        size = len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
-        if len(event.headers) > lim.headers or size > lim.head_bytes:
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        if self._in_message:
+            self.counters.request_error(RequestError.CLOSED)
+        if not self._busy and not self._queue:
+            self._close()
+        # Plain TCP: stay half-open to send the answers still due, then close.
+        # TLS closes on its own (a TLS transport cannot stay half-open).
+        return None if self._tls else True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._cancel_timer()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_exception(ConnectionResetError("connection lost"))
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # -- httptools callbacks (raise _Refuse to stop parsing) -------------------------
+
+    def on_message_begin(self) -> None:
+        self._url, self._headers, self._head_size = b"", [], 0
+        self._body, self._body_size = [], 0
+        self._in_head = self._in_message = True
+        if not self._busy:
+            self._arm(self.limits.head_timeout, self._head_expired)
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_size += len(url)
+        if self._head_size > self.limits.head_bytes:
             raise _Refuse(431, RequestError.TOO_LARGE)
-        body = await self._read_body()
-        headers = tuple((n.decode("latin-1").lower(), v.decode("latin-1"))
-                        for n, v in event.headers)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.limits.head_bytes or \
+                len(self._headers) >= self.limits.headers:
+            raise _Refuse(431, RequestError.TOO_LARGE)
+        self._headers.append((name.decode("latin-1").lower(), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host; a server
+        # must refuse one with none or several (they would split the zone check).
+        hosts = sum(1 for n, _ in self._headers if n == "host")
+        if hosts > 1 or (hosts == 0 and self._parser.get_http_version() == "1.1"):
+            raise _Refuse(400, RequestError.MALFORMED)
+        self._in_head = False
+        if not self._busy:
+            self._arm(self.limits.body_timeout, self._body_expired)
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.limits.body_bytes:
+            raise _Refuse(413, RequestError.TOO_LARGE)
+        self._body.append(body)
+        if not self._busy:
+            self._arm(self.limits.body_timeout, self._body_expired)
+
+    def on_message_complete(self) -> None:
+        p = self._parser
+        headers = tuple(self._headers)
         host = next((v for n, v in headers if n == "host"), None)
-        return Request(event.method.decode("ascii"), event.target.decode("latin-1"), host,
-                       headers, body, uuid.uuid4().hex, event.http_version.decode("ascii"))
+        self._queue.append(Request(
+            p.get_method().decode("ascii"), self._url.decode("latin-1"), host, headers,
+            b"".join(self._body), os.urandom(16).hex(), p.get_http_version(),
+            p.should_keep_alive()))
+        self._body, self._body_size = [], 0
+        self._in_message = False
+        if len(self._queue) >= QUEUE_PAUSE:
+            self._pause_reading()
 
-    async def _read_body(self) -> bytes:
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            event = self._next()
-            if event is h11.NEED_DATA:
-                try:
-                    await self._fill(self.limits.body_timeout)
-                except TimeoutError:
-                    raise _Refuse(408, RequestError.TIMEOUT) from None
-                continue
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.limits.body_bytes:
-                    raise _Refuse(413, RequestError.TOO_LARGE)
-                parts.append(bytes(event.data))
-                continue
-            if isinstance(event, h11.EndOfMessage):
-                return b"".join(parts)
-            raise _Refuse(400, RequestError.MALFORMED)  # closed mid-body
+    # -- answering -------------------------------------------------------------------
 
-    # -- writing --------------------------------------------------------------------
-
-    async def _send(self, r: Response, request: Request) -> None:
-        length = r.length if r.stream is not None else len(r.body)
-        headers = [(REQUEST_ID, request.request_id), *r.headers]
-        if r.content_type is not None:
-            headers.insert(0, ("Content-Type", r.content_type))
-        if length is not None and r.status not in (204, 304) and r.status >= 200:
-            headers.insert(0, ("Content-Length", str(length)))
-        if r.close:
-            headers.append(("Connection", "close"))
-        out = self.conn.send(h11.Response(status_code=r.status, headers=headers))
-        head_only = request.method == "HEAD" or r.status in (204, 304)
-        if r.stream is not None:
-            try:
-                if not head_only:
-                    await self._stream(r.stream, out)
-                    out = b""
-                out += self.conn.send(h11.EndOfMessage())
-            except h11.LocalProtocolError:  # the origin's body disagreed with its length
-                raise StreamBroken("body length") from None
-            finally:
-                await _close_stream(r.stream)
-        else:
-            if r.body and not head_only:  # HEAD: the length, not the bytes
-                out += self.conn.send(h11.Data(data=r.body))
-            out += self.conn.send(h11.EndOfMessage())
-        self.writer.write(out)
-        await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout)
-
-    async def _stream(self, chunks: AsyncIterator[bytes], head: bytes) -> None:
-        """Write the head, then each chunk as it comes; drain paces the
-        origin to the client, so a slow client never buffers a whole body."""
-        self.writer.write(head)
-        while True:
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
+    def _next(self) -> None:
+        """Answer the next queued request, if none is being answered."""
+        while not self._busy and self._queue and not self._closed:
+            item = self._queue.popleft()
+            if isinstance(item, _Refuse):
+                self._refuse(item)
                 return
-            except (OSError, StreamBroken) as e:
-                raise StreamBroken(str(e)) from None
-            except Exception as e:  # the origin's errors (OriginError): same outcome
-                raise StreamBroken(type(e).__name__) from None
-            if chunk:
-                self.writer.write(self.conn.send(h11.Data(data=chunk)))
-                try:
-                    await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout)
-                except TimeoutError:  # a client that stopped reading
-                    raise StreamBroken("client stalled") from None
+            self._busy = True
+            self._cancel_timer()
+            try:
+                answer = self.handler(item)  # type: ignore[misc]
+            except Exception:
+                log.exception("request handler failed")
+                answer = Response(500, b"500 Internal Server Error\n", close=True)
+            if isinstance(answer, Response) and answer.stream is None:
+                self._write(answer, item)
+                self._finished(answer, item)
+            else:
+                self._task = self.loop.create_task(self._complete(answer, item))
 
-    async def _refuse(self, status: int) -> None:
-        """Answer a refused request, if the protocol still allows an answer."""
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return
-        body = f"{status} {REASONS.get(status, '')}\n".encode()
-        headers = [("Content-Type", "text/plain; charset=utf-8"),
-                   ("Content-Length", str(len(body))), ("Connection", "close")]
+    async def _complete(self, answer: Response | Awaitable[Response], request: Request) -> None:
         try:
-            out = self.conn.send(h11.Response(status_code=status, headers=headers))
-            out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
-        except h11.LocalProtocolError:
+            response = answer if isinstance(answer, Response) else await answer
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request handler failed")
+            response = Response(500, b"500 Internal Server Error\n", close=True)
+        try:
+            if response.stream is None:
+                self._write(response, request)
+            else:
+                await self._stream(response, request)
+        except (StreamBroken, ConnectionError):
+            # The head is out and the body cannot be finished: cut the
+            # connection so the client sees a truncated response, never a
+            # complete-looking short one.
+            if self.transport is not None:
+                self.transport.abort()
             return
-        self.writer.write(out)
-        with contextlib.suppress(OSError, TimeoutError):  # the client is gone: so are we
-            await asyncio.wait_for(self.writer.drain(), self.limits.body_timeout)
+        self._task = None
+        self._finished(response, request)
+
+    def _finished(self, response: Response, request: Request) -> None:
+        self._busy = False
+        self._first = False
+        if response.close or not request.keep_alive or (self._eof and not self._queue):
+            self._close()
+            return
+        self._resume_reading()
+        if self._queue:
+            self._next()
+        elif self._in_head:
+            self._arm(self.limits.head_timeout, self._head_expired)
+        elif self._in_message:
+            self._arm(self.limits.body_timeout, self._body_expired)
+        elif not self._closed:
+            self._arm(self.limits.idle_timeout, self._idle_expired)
+
+    def _head(self, r: Response, request: Request, length: int | None, chunked: bool) -> bytes:
+        lines = [f"HTTP/1.1 {r.status} {_reason(r.status)}"]
+        if r.content_type is not None:
+            lines.append(f"Content-Type: {r.content_type}")
+        if not _no_body(r.status):
+            if length is not None:
+                lines.append(f"Content-Length: {length}")
+            elif chunked:
+                lines.append("Transfer-Encoding: chunked")
+        lines.append(f"{REQUEST_ID}: {request.request_id}")
+        for name, value in r.headers:
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"header {name!r}: a line break in a header")
+            lines.append(f"{name}: {value}")
+        if r.close or not request.keep_alive:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _write(self, r: Response, request: Request) -> None:
+        head = self._head(r, request, len(r.body), False)
+        if self.transport is None or self._closed:
+            return
+        if r.body and request.method != "HEAD" and not _no_body(r.status):
+            self.transport.write(head + r.body)
+        else:
+            self.transport.write(head)  # HEAD: the length, not the bytes
+
+    async def _stream(self, r: Response, request: Request) -> None:
+        """Write the head, then each chunk as it comes, paced by the client."""
+        assert r.stream is not None
+        head_only = request.method == "HEAD" or _no_body(r.status)
+        # Unknown length: chunked for HTTP/1.1, to the close for HTTP/1.0.
+        chunked = r.length is None and request.http_version == "1.1"
+        if r.length is None and not chunked:
+            r.close = True
+        try:
+            self.transport.write(self._head(r, request, r.length, chunked))  # type: ignore[union-attr]
+            if head_only:
+                return
+            sent = 0
+            while True:
+                try:
+                    chunk = await anext(r.stream)
+                except StopAsyncIteration:
+                    break
+                except (OSError, StreamBroken) as e:
+                    raise StreamBroken(str(e)) from None
+                except Exception as e:  # the origin's errors (OriginError): same outcome
+                    raise StreamBroken(type(e).__name__) from None
+                if not chunk:
+                    continue
+                sent += len(chunk)
+                if r.length is not None and sent > r.length:
+                    raise StreamBroken("body longer than its length")
+                self.transport.write(  # type: ignore[union-attr]
+                    b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                await self._drain()
+            if r.length is not None and sent != r.length:
+                raise StreamBroken("body shorter than its length")
+            if chunked:
+                self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+        finally:
+            await _close_stream(r.stream)
+
+    async def _drain(self) -> None:
+        if self._closed:
+            raise ConnectionResetError("connection lost")
+        if not self._write_paused:
+            return
+        self._drained = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self._drained, self.limits.body_timeout)
+        except TimeoutError:  # a client that stopped reading
+            raise StreamBroken("client stalled") from None
+        finally:
+            self._drained = None
+
+    def _refuse(self, r: _Refuse) -> None:
+        """Answer a refused request (status 0: none) and close."""
+        self.counters.request_error(r.error)
+        if r.status and self.transport is not None and not self._closed:
+            body = f"{r.status} {_reason(r.status)}\n".encode()
+            self.transport.write(
+                f"HTTP/1.1 {r.status} {_reason(r.status)}\r\nContent-Type: text/plain; "
+                f"charset=utf-8\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                .encode() + body)
+        self._close()
+
+    def _close(self) -> None:
+        self._cancel_timer()
+        if self.transport is not None and not self._closed:
+            self._closed = True
+            self.transport.close()  # TLS: close_notify after what is written
+
+    # -- timers and reading ----------------------------------------------------------
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(delay, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _idle_expired(self) -> None:
+        self._timer = None
+        if self._first:
+            self._refuse(_Refuse(408, RequestError.TIMEOUT))
+        else:
+            self._close()  # an idle kept-alive connection: close quietly
+
+    def _head_expired(self) -> None:
+        self._timer = None
+        self._refused(_Refuse(408, RequestError.TIMEOUT))
+        self._next()
+
+    _body_expired = _head_expired
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = True
+            with contextlib.suppress(RuntimeError):
+                self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self._closed and \
+                not self._broken:
+            self._reading_paused = False
+            with contextlib.suppress(RuntimeError):
+                self.transport.resume_reading()

@@ -60,6 +60,8 @@ class ZonePipeline:
             for r in zone.page_rules])
         self.firewall = Firewall([Rule(r.expression, r.action, r.description)
                                   for r in zone.firewall])
+        # The country table is consulted only by rules that ask for it.
+        self.uses_country = any("ip.geoip.country" in r.expression for r in zone.firewall)
         self.rate_limiter = RateLimiter([
             RateRule(r.name, r.requests, r.period, r.block, r.key, r.header, r.path_prefix)
             for r in zone.rate_limits])
@@ -86,22 +88,27 @@ class ZonePipeline:
                            settings)
 
         headers = dict(request.headers)
-        view = RequestView(src=client, method=request.method, host=host, path=path,
-                           query=query, headers=headers,
-                           cookies=_cookie_names(headers.get("cookie", "")),
-                           country=self.countries.country(client))
-        verdict = self.firewall.evaluate(view)
-        for _ in verdict.logged:
-            self.counters.action(self.zone, RuleAction.FW_LOG)
-        if verdict.action is not None:
-            self.counters.action(self.zone, FW_ACTIONS[verdict.action])
-        if verdict.action == "block":
-            return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
-                           settings)
-        if verdict.action == "allow":
-            return Outcome(None, settings, allowed=True)
+        challenge = False
+        if self.firewall.rules:
+            view = RequestView(src=client, method=request.method, host=host, path=path,
+                               query=query, headers=headers,
+                               cookies=_cookie_names(headers.get("cookie", "")),
+                               country=self.countries.country(client) if self.uses_country
+                               else "")
+            verdict = self.firewall.evaluate(view)
+            for _ in verdict.logged:
+                self.counters.action(self.zone, RuleAction.FW_LOG)
+            if verdict.action is not None:
+                self.counters.action(self.zone, FW_ACTIONS[verdict.action])
+            if verdict.action == "block":
+                return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
+                               settings)
+            if verdict.action == "allow":
+                return Outcome(None, settings, allowed=True)
+            challenge = verdict.action == "challenge"
 
-        challenge = verdict.action == "challenge"
+        if not self.rate_limiter.rules:
+            return Outcome(None, settings, challenge=challenge)
         limited = self.rate_limiter.check(client, path, headers, now)
         if not limited.allowed:
             self.counters.action(self.zone, RuleAction.RATE_LIMITED)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from agent.l7.bots import Challenge, assess
 from agent.l7.cache import CACHE_STATUS_HEADER, Cache, Lookup
@@ -62,6 +62,8 @@ class ZoneProxy:
         self.zone = zone
         self.counters = counters
         self.client_ip_header = cfg.client_ip_header
+        self.hsts = None if zone.hsts is None else ("Strict-Transport-Security",
+                                                    zone.hsts.header)
         self.pipeline = ZonePipeline(zone, counters, countries)
         self.waf = Waf(zone.waf)
         self.challenge = challenge
@@ -77,7 +79,25 @@ class ZoneProxy:
         if self.origin is not None:
             await self.origin.close()
 
-    async def handle(self, request: Request, client: str, tls: bool) -> Response:
+    def handle(self, request: Request, client: str, tls: bool
+               ) -> Response | Awaitable[Response]:
+        """The answer, at once when the edge has it (a refusal, a cache hit),
+        else an awaitable of the origin's."""
+        answer = self._route(request, client, tls)
+        if self.hsts is None or not tls:
+            return answer
+        if isinstance(answer, Response):
+            answer.headers.append(self.hsts)
+            return answer
+        return self._with_hsts(answer)
+
+    async def _with_hsts(self, answer: Awaitable[Response]) -> Response:
+        response = await answer
+        response.headers.append(self.hsts)  # type: ignore[arg-type]
+        return response
+
+    def _route(self, request: Request, client: str, tls: bool
+               ) -> Response | Awaitable[Response]:
         name = self.zone.name
         outcome = self.pipeline.run(request, client, tls)
         if outcome.response is not None:
@@ -110,7 +130,12 @@ class ZoneProxy:
                                    query, request.headers)
         if lookup.entry is not None and lookup.fresh:
             return self._from_cache(request, lookup)
+        return self._fetch(request, client, tls, target, lookup, login)
 
+    async def _fetch(self, request: Request, client: str, tls: bool, target: str,
+                     lookup: Lookup, login: LoginCheck) -> Response:
+        """Ask the origin; answer from a revalidated entry or stream its body."""
+        name = self.zone.name
         # Every request, login or not: a client's own Exposed-Credential-Check
         # must not reach the origin.
         headers = origin_headers(forward_headers(login, request.headers), client, tls,
@@ -128,11 +153,11 @@ class ZoneProxy:
             return Response(e.status, f"{e.status} {reason}\n".encode())
         if self.logins is not None:
             self.logins.after(login, stream.status)
-        self.counters.served(name)
         if stream.status == 304 and lookup.entry is not None and lookup.revalidating:
             await stream.aclose()
             entry = self.cache.revalidated(lookup, stream.headers)
             return self._from_cache(request, self.cache.lookup_entry(lookup, entry))
+        self.counters.served(name)
         self.cache.invalidate(lookup, stream.status)  # an unsafe method changed the URL
         return self._from_origin(request, stream, lookup)
 

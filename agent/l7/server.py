@@ -9,24 +9,31 @@ Per connection, each step learns only what the guard has allowed so far:
                 goes to Guard.by_address: a foreign region's dedicated IP is
                 closed at once (RST), not one TLS byte sent or read.
   2 TLS         the ClientHello's SNI goes to Guard.by_sni inside OpenSSL's
-                servername callback, before a certificate is chosen: refuse
-                aborts the handshake; serve switches to that zone's context.
-  3 requests    HTTP/1.1 by h11 (agent/l7/http1.py): keep-alive, bodies,
+                servername callback, before a certificate is chosen: an
+                unknown name (unless `unknown_sni` names a default zone), a
+                missing one, or a foreign region's zone aborts the handshake
+                (the connection closes); a servable zone switches to its context.
+  3 requests    HTTP/1.1 by httptools (agent/l7/http1.py): keep-alive, bodies,
                 limits and timeouts (400, 408, 413, 431). Each request's
                 Host must name the TLS zone (Guard.by_host), else 421; an
                 absolute-form target must name that Host, else 400. Then
-                the zone's rules (agent/l7/pipeline.py): page rules,
-                firewall, rate limits. What passes them is answered, for
-                now, with a small JSON document naming DC, zone and the
-                request id; WAF, cache and origin come in its place.
+                the zone's path (agent/l7/proxy.py): page rules, firewall,
+                rate limits, WAF, bots, credential stuffing, cache, origin.
 
 TLS follows Mozilla's "intermediate" profile: TLS 1.2 and 1.3, forward
 secret AEAD ciphers, groups X25519/P-256/P-384 (agent/l7/openssl.cnf), an
-ECDSA and an RSA certificate per zone, ALPN http/1.1.
+ECDSA and an RSA certificate per zone, ALPN http/1.1, no OCSP stapling
+(nothing to fetch from a CA at run time). Resumption is stateful, from this
+process's session cache; `tls_resumption: false` refuses TLS 1.3
+resumption (Python cannot switch off TLS 1.2's session-id cache).
 
 Privacy: nothing about a client or a request is logged or kept, only the
 counters of agent/l7/counters.py (zone names and enums as labels). A
-request lives only while it is answered.
+request lives only while it is answered; the cache keeps responses, in
+memory and, spilled, encrypted with a key that lives only in memory.
+
+The status socket answers one JSON command per connection: counters, and
+cache purges by URL, prefix or zone (agent/l7/status.py is its client).
 
 The daemon runs it beside its own loop with `run_in_thread(cfg)`; the handle's
 `.stop()` closes listeners and connections and removes the status socket.
@@ -37,6 +44,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -47,7 +55,7 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -59,7 +67,7 @@ from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normali
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
-from agent.l7.http1 import Http1Session, Limits, Request, Response
+from agent.l7.http1 import Http1Protocol, Limits, Request, Response
 from agent.l7.proxy import ZoneProxy
 
 log = logging.getLogger("privedge.l7")
@@ -319,6 +327,10 @@ class L7Server:
         self._accept_tasks = [asyncio.create_task(self._accept(s, plain))
                               for plain, group in ((False, self._listeners), (True, self._plain))
                               for s in group]
+        # What start-up built (rules, tables, certificates) lives as long as
+        # the server: out of the collector's way, it is not rescanned at every
+        # collection that requests' short-lived objects trigger.
+        gc.freeze()
         log.info("dc %s region %s: serving %s on %s", self.cfg.dc, self.cfg.region,
                  ", ".join(self.guard.servable),
                  ", ".join(f"[{a}]:{p}" for a, p in self.addresses))
@@ -398,37 +410,29 @@ class L7Server:
             self.counters.refused(Refusal.REGION_ADDRESS)
             _reset(conn)
             return
-        if plain:
-            await self._plain_http(conn, client)
+        opened = await (self._plain_http(conn, client) if plain
+                        else self._handshake(conn, client))
+        if opened is None:
             return
-        streams = await self._handshake(conn)
-        if streams is None:
-            return
-        reader, writer, zone = streams
+        transport, protocol = opened
         try:
-            await self._exchange(reader, writer, zone, client)
-            writer.close()  # TLS close_notify, then FIN
-            await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
+            await protocol.done  # the protocol answers requests until the connection ends
         except asyncio.CancelledError:
-            writer.transport.abort()  # the server is stopping: no goodbye
+            transport.abort()  # the server is stopping: no goodbye
             raise
-        except OSError:  # the client went away or lingered (TimeoutError is one)
-            writer.transport.abort()
 
-    async def _handshake(self, conn: socket.socket
-                         ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str] | None:
+    async def _handshake(self, conn: socket.socket, client: str
+                         ) -> tuple[asyncio.BaseTransport, Http1Protocol] | None:
         """TLS on the accepted socket; the SNI callback has picked the zone."""
         loop = asyncio.get_running_loop()
         timeout = self.cfg.handshake_timeout
-        # The buffer bound: h11 refuses heads over the configured size.
-        reader = asyncio.StreamReader(limit=self.limits.head_bytes)
-        protocol = asyncio.StreamReaderProtocol(reader)
+        protocol = Http1Protocol(self.limits, self.counters)
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=self._front, ssl_handshake_timeout=timeout,
-                    ssl_shutdown_timeout=SHUTDOWN_TIMEOUT),
-                timeout + 1)
+            # ssl_handshake_timeout bounds the handshake (no wait_for: it
+            # would cost a task per connection).
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._front, ssl_handshake_timeout=timeout,
+                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT)
         except ssl.SSLError as e:
             if e.reason != "CALLBACK_FAILED":  # else counted by _on_sni with its reason
                 self.counters.refused(Refusal.HANDSHAKE_ERROR)
@@ -445,24 +449,22 @@ class L7Server:
             transport.abort()
             return None
         self.counters.handshake(ssl_obj.version())
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        return reader, writer, zone
+        protocol.start(lambda request: self._answer(request, zone, client, tls=True))
+        return transport, protocol
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        zone: str, client: str) -> None:
-        """HTTP/1.1 on the connection, requests answered until it ends."""
-
-        async def handle(request: Request) -> Response:
-            return await self._answer(request, zone, client, tls=True)
-
-        await Http1Session(reader, writer, self.limits, self.counters, handle).run()
-
-    async def _plain_http(self, conn: socket.socket, client: str) -> None:
+    async def _plain_http(self, conn: socket.socket, client: str
+                          ) -> tuple[asyncio.BaseTransport, Http1Protocol] | None:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
-        reader, writer = await asyncio.open_connection(sock=conn, limit=self.limits.head_bytes)
+        loop = asyncio.get_running_loop()
+        protocol = Http1Protocol(self.limits, self.counters)
+        try:
+            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+        except OSError:
+            conn.close()
+            return None
 
-        async def handle(request: Request) -> Response:
+        def handle(request: Request) -> Response | Awaitable[Response]:
             decision = self.guard.by_sni(host_name(request.host))
             if not decision.serve:
                 self.counters.refused(Refusal(decision.reason))
@@ -471,19 +473,13 @@ class L7Server:
                 path = request.target if request.target.startswith("/") else "/"
                 location = f"https://{host_name(request.host)}{path}"
                 return Response(301, b"", [("Location", location)])
-            return await self._answer(request, decision.zone, client, tls=False)
+            return self._answer(request, decision.zone, client, tls=False)
 
-        try:
-            await Http1Session(reader, writer, self.limits, self.counters, handle).run()
-            writer.close()
-            await asyncio.wait_for(writer.wait_closed(), SHUTDOWN_TIMEOUT)
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
-        except OSError:
-            writer.transport.abort()
+        protocol.start(handle)
+        return transport, protocol
 
-    async def _answer(self, request: Request, zone: str, client: str, tls: bool) -> Response:
+    def _answer(self, request: Request, zone: str, client: str, tls: bool
+                ) -> Response | Awaitable[Response]:
         """The connection-level checks, then the zone's path (agent/l7/proxy.py)."""
         if not _target_matches_host(request.target, request.host):
             self.counters.request_error(RequestError.MALFORMED)
@@ -491,7 +487,7 @@ class L7Server:
         if tls and not self.guard.by_host(request.host, zone).serve:
             self.counters.refused(Refusal.MISDIRECTED)
             return Response(421, b"this connection does not serve that host\n")
-        return await self._proxies[zone].handle(request, client, tls)
+        return self._proxies[zone].handle(request, client, tls)
 
     async def _serve_status(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:

@@ -1,4 +1,4 @@
-"""HTTP/1.1 sessions (agent/l7/http1.py) over plain loopback TCP, no TLS.
+"""HTTP/1.1 connections (agent/l7/http1.py) over plain loopback TCP, no TLS.
 
 A tiny handler echoes what it got (method, target, body length and bytes),
 so each test checks what the session made of the bytes a client sent and
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.l7.counters import Counters
-from agent.l7.http1 import Http1Session, Limits, Request, Response
+from agent.l7.http1 import Http1Protocol, Limits, Request, Response
 
 LIMITS = Limits(head_bytes=4096, headers=20, body_bytes=1000, head_timeout=0.5,
                 body_timeout=0.5, idle_timeout=0.5)
@@ -38,11 +38,9 @@ def server() -> Iterator[tuple[int, Counters]]:
     state: dict = {}
 
     async def main() -> None:
-        async def on_conn(reader, writer) -> None:
-            await Http1Session(reader, writer, LIMITS, counters, _echo).run()
-            writer.close()
-
-        srv = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        loop = asyncio.get_running_loop()
+        srv = await loop.create_server(lambda: Http1Protocol(LIMITS, counters, _echo),
+                                       "127.0.0.1", 0)
         state["port"] = srv.sockets[0].getsockname()[1]
         state["stop"] = asyncio.Event()
         state["loop"] = asyncio.get_running_loop()

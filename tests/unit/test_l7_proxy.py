@@ -314,3 +314,12 @@ def test_curl_with_a_cookie_jar_passes_the_challenge(conn, pki, tmp_path) -> Non
     statuses = [line.split(": ")[1].strip() for line in r.stdout.splitlines()
                 if line.lower().startswith("cf-cache-status")]
     assert statuses == ["MISS", "HIT"], r.stdout
+
+
+def test_hsts_when_the_zone_asks_for_it(tmp_path, pki, origin) -> None:
+    with edge(tmp_path, pki, origin, hsts={"max_age": 600, "include_subdomains": True}) as h:
+        c = EdgeConnection(h.addresses[0][1], pki)
+        for path in ("/static/h.css", "/static/h.css", "/echo/h", "/admin-does-not-matter"):
+            assert get(c, path)[1]["strict-transport-security"] == \
+                "max-age=600; includeSubDomains", path
+        c.close()
