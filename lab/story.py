@@ -274,6 +274,8 @@ class Story:
                   "US user: served in the EU, no plaintext on bb", self.us_user)
         self.step(5, "The attacker (denylisted, anycast via iad) floods the EU shop's address",
                   "attacker: dropped at iad, nothing tunnelled", self.attacker)
+        self.step(6, "Katerina browses www through dus: cache, WAF, challenge, leaked password",
+                  "L7: cache, WAF, challenge, login check", self.pipeline)
         return all(ok for _, _, ok in self.results)
 
     # -- 1
@@ -495,6 +497,62 @@ class Story:
 
     # -- 6
 
+    # -- 6
+
+    def pipeline(self) -> str:
+        lab = self.lab
+        if lab.move("client", "dus"):
+            say("client moved back to dus")
+        ca = str(lab.state_dir / "pki" / "ca.crt")
+        jar = "/dev/shm/privedge-demo-jar"   # memory: the demo writes no request to disk
+
+        def curl(path: str, *args: str) -> tuple[str, str]:
+            """(status, cf-cache-status or the Location) of one request from el-client."""
+            r = lab.exec("client", ["curl", "-sS", "--max-time", str(CURL_TIMEOUT), "--cacert", ca,
+                                    "--resolve", f"{WWW}:443:{WWW4}", "-o", "/dev/null", "-w",
+                                    "%{http_code} %header{cf-cache-status}%{redirect_url}",
+                                    *args, f"https://{WWW}{path}"],
+                         capture_output=True, text=True, timeout=CURL_TIMEOUT + 10)
+            if r.returncode != 0:
+                raise StepFailed(f"curl https://{WWW}{path}: {r.stderr.strip()}")
+            code, _, extra = r.stdout.partition(" ")
+            return code, extra
+
+        css = f"/static/demo-{secrets.token_hex(3)}.css"
+        checks = [
+            ("first fetch of a stylesheet", css, (), ("200", "MISS")),
+            ("the same again", css, (), ("200", "HIT")),
+            ("SQL injection in a query", "/shop?id=1%27%20UNION%20SELECT%20card%20FROM%20users--",
+             (), ("403", "")),
+            ("a JSON order for Mr O'Brien", "/echo/api/orders", (
+                "-X", "PATCH", "-H", "Content-Type: application/json", "--data",
+                '{"note": "for Mr O\'Brien, drop it at the door"}'), ("200", "DYNAMIC")),
+            ("members page, no cookie: challenged", "/members", (),
+             ("302", f"https://{WWW}/members")),
+            ("members page, following with a cookie jar", "/members",
+             ("-L", "-b", jar, "-c", jar), ("200", "DYNAMIC")),
+            ("login with a leaked password", "/login", (
+                "--data", "username=katerina&password=password123"), ("401", "DYNAMIC")),
+        ]
+        try:
+            for what, path, args, want in checks:
+                got = curl(path, *args)
+                shown = got[1].replace(f"https://{WWW}", "") or "-"
+                say(f"{what:<44}{got[0]}  {shown}")
+                self.expect(got == want, f"{what}: got {got}, expected {want}")
+        finally:
+            Path(jar).unlink(missing_ok=True)
+        from agent.l7.status import read_status
+
+        actions = read_status(str(lab.dc_dir("dus") / "l7.sock"))["actions"]["www"]
+        say()
+        row("dus www actions", ", ".join(f"{k} {v}" for k, v in actions.items() if v))
+        self.expect(actions["waf_block"] >= 1, "the WAF blocked nothing")
+        self.expect(actions["login_leaked"] >= 1, "the leaked password was not flagged")
+        self.expect(actions["challenge_passed"] >= 1, "no challenge was passed")
+        return ("the cache answered the second fetch, the WAF stopped the attack and passed "
+                "the order, the cookie challenge let curl in, the leaked password was flagged")
+
     def summary(self, seconds: float) -> bool:
         ok = all(r for _, _, r in self.results)
         print("\n== summary")
@@ -506,7 +564,8 @@ class Story:
         if ok:
             print(f"RESULT: PASS, all {len(self.results)} steps in {seconds:.1f} s: the EU zone "
                   "was served only in the EU,\n        the backbone carried no plaintext, "
-                  "the denylisted attacker was dropped at the edge")
+                  "the denylisted attacker was dropped at the edge,\n        and the L7 "
+                  "pipeline cached, blocked and challenged as configured")
         else:
             print(f"RESULT: FAIL, step {', '.join(failed)} of {len(self.results)} failed "
                   f"({seconds:.1f} s): see above;\n        to look around afterwards, run the "

@@ -51,14 +51,15 @@ def test_the_story_passes_and_leaves_nothing(prefix: str, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     steps = re.findall(r"^\[(\d)\] .*$", out, re.M)
-    assert steps == ["1", "2", "3", "4", "5"], out
-    assert len(re.findall(r"^    PASS  ", out, re.M)) == 5, out
+    assert steps == ["1", "2", "3", "4", "5", "6"], out
+    assert len(re.findall(r"^    PASS  ", out, re.M)) == 6, out
     assert "FAIL" not in out, out
     # 1: the topology, compactly
     assert re.search(r"^    dus   eu      Düsseldorf ", out, re.M), out
     assert re.search(r"^    attacker .* iad   \(denylisted\)$", out, re.M), out
     # 2 and 3: who answered Katerina, before and after her drive
-    step2, step3, step4, step5 = (out.split(f"[{n}] ")[1].split("\n[")[0] for n in (2, 3, 4, 5))
+    step2, step3, step4, step5, step6 = (out.split(f"[{n}] ")[1].split("\n[")[0]
+                                         for n in (2, 3, 4, 5, 6))
     assert step2.count("200  dus (eu), zone") == 2, step2
     assert re.search(r"dus inet0 in_region +\+[1-9]", step2), step2
     assert "shop-eu +1, www +1" in step2, step2
@@ -78,8 +79,13 @@ def test_the_story_passes_and_leaves_nothing(prefix: str, capsys):
     assert re.search(r"dus bb0 decap +\+0 packets", step5), step5
     assert re.search(r"fra bb0 decap +\+0 packets", step5), step5
     assert "backbone capture              0 frames from the attacker" in step5, step5
-    # 6: the summary and the verdict
-    assert re.search(r"^RESULT: PASS, all 5 steps", out, re.M), out
+    # 6: the L7 pipeline, request by request
+    for line in ("the same again                              200  HIT",
+                 "SQL injection in a query                    403",
+                 "members page, following with a cookie jar   200"):
+        assert line in step6, step6
+    # the summary and the verdict
+    assert re.search(r"^RESULT: PASS, all 6 steps", out, re.M), out
     assert f"removed lab {prefix}: 3 agents stopped, 10 namespaces" in out, out
     assert leftovers(prefix) == []
 

@@ -277,8 +277,10 @@ def not_modified(status: int, etag: str | None, last_modified: str | None,
             return True
         return etag is not None and any(weak_match(t, etag) for t in etags(inm))
     ims = http_date(joined(request_headers, "if-modified-since"))
+    if ims is None:  # the usual case: no date to parse at all
+        return False
     modified = http_date(last_modified)
-    return ims is not None and modified is not None and modified <= ims
+    return modified is not None and modified <= ims
 
 
 def wants_revalidation(request_headers: Headers) -> bool:
