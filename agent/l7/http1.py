@@ -80,6 +80,7 @@ class Response:
     close: bool = False
     stream: AsyncIterator[bytes] | None = None
     length: int | None = None
+    header_block: bytes = b""      # more header lines, encoded already (a cache entry's)
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
@@ -357,7 +358,7 @@ class Http1Protocol(asyncio.Protocol):
             lines.append(f"{name}: {value}")
         if r.close or not request.keep_alive:
             lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return ("\r\n".join(lines) + "\r\n").encode("latin-1") + r.header_block + b"\r\n"
 
     def _write(self, r: Response, request: Request) -> None:
         head = self._head(r, request, len(r.body), False)

@@ -198,9 +198,9 @@ class ZoneProxy:
             headers = entry.response_headers(not_modified=True)
             headers.append((CACHE_STATUS_HEADER, lookup.status))
             return Response(304, b"", headers, content_type=None)
-        headers = [(n, v) for n, v in entry.response_headers() if n not in RESPONSE_DROP]
-        headers.append((CACHE_STATUS_HEADER, lookup.status))
-        return Response(entry.status, entry.body, headers, content_type=None)
+        headers = [("age", str(entry.age(time.time()))), (CACHE_STATUS_HEADER, lookup.status)]
+        return Response(entry.status, entry.body, headers, content_type=None,
+                        header_block=entry.header_block())
 
     def _from_origin(self, request: Request, stream: OriginStream,
                      lookup: Lookup) -> Response:

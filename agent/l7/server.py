@@ -232,6 +232,12 @@ def _unix_listener(path: Path) -> socket.socket:
         raise ServeError(f"{path}: cannot create the status socket ({e.strerror})") from None
 
 
+def _socket_ip(text: str) -> str:
+    """normalise_ip for what a socket reports: its IPv4 text is canonical
+    already (the common case, no parsing); IPv6 and mapped forms are parsed."""
+    return text if ":" not in text else normalise_ip(text)
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with RST: a refusal, and no TIME_WAIT left behind."""
     with contextlib.suppress(OSError):
@@ -371,7 +377,7 @@ class L7Server:
                 continue
             # The client's address goes to the rules (firewall, rate limits)
             # and stays in memory; it is never logged.
-            task = asyncio.create_task(self._connection(conn, plain, normalise_ip(peer[0])))
+            task = asyncio.create_task(self._connection(conn, plain, _socket_ip(peer[0])))
             self._connections.add(task)
             task.add_done_callback(self._connections.discard)
 
@@ -401,7 +407,7 @@ class L7Server:
                           client: str = "") -> None:
         self.counters.accepted()
         try:
-            local = normalise_ip(conn.getsockname()[0])
+            local = _socket_ip(conn.getsockname()[0])
         except (OSError, ValueError):  # reset before we looked: nothing to serve
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             _reset(conn)
