@@ -139,6 +139,8 @@ class Http1Protocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._first = True                   # no request answered yet
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._expire: Callable[[], None] | None = None
         self._reading_paused = False
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
@@ -212,7 +214,7 @@ class Http1Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
-        self._cancel_timer()
+        self._drop_timer()  # a connection gone holds no handle in the loop
         if self._task is not None and not self._task.done():
             self._task.cancel()
         if self._drained is not None and not self._drained.done():
@@ -431,31 +433,54 @@ class Http1Protocol(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        self._cancel_timer()
+        self._drop_timer()
         if self.transport is not None and not self._closed:
             self._closed = True
             self.transport.close()  # TLS: close_notify after what is written
 
     # -- timers and reading ----------------------------------------------------------
 
+    # One timer handle per connection, moved by deadline: arming, cancelling
+    # and re-arming it for every request (idle, head, body, busy) would make
+    # and drop several handles per request. A pending handle that fires
+    # before the current deadline just re-arms itself for what is left.
+
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(delay, callback)
+        deadline = self.loop.time() + delay
+        self._deadline, self._expire = deadline, callback
+        if self._timer is not None and self._timer.when() > deadline:
+            self._timer.cancel()    # fires too late for the new deadline
+            self._timer = None
+        if self._timer is None:
+            self._timer = self.loop.call_at(deadline, self._tick)
 
     def _cancel_timer(self) -> None:
+        self._expire = None         # the handle may still fire: it finds nothing to do
+
+    def _drop_timer(self) -> None:
+        self._expire = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _idle_expired(self) -> None:
+    def _tick(self) -> None:
         self._timer = None
+        expire = self._expire
+        if expire is None or self._closed:
+            return
+        if self.loop.time() < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._tick)
+            return
+        self._expire = None
+        expire()
+
+    def _idle_expired(self) -> None:
         if self._first:
             self._refuse(_Refuse(408, RequestError.TIMEOUT))
         else:
             self._close()  # an idle kept-alive connection: close quietly
 
     def _head_expired(self) -> None:
-        self._timer = None
         self._refused(_Refuse(408, RequestError.TIMEOUT))
         self._next()
 

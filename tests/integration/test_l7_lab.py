@@ -104,6 +104,38 @@ def test_cache_miss_hit_revalidated_and_purge(lab: Lab) -> None:
     assert fetch(lab, path)[1]["cf-cache-status"] == "MISS"
 
 
+PY_CLIENT = """
+import http.client, json, socket, ssl, sys
+ca, host, address = sys.argv[1:4]
+ctx = ssl.create_default_context(cafile=ca)
+conn = http.client.HTTPSConnection(host, 443, timeout=10, context=ctx)
+conn.sock = ctx.wrap_socket(socket.create_connection((address, 443), 10), server_hostname=host)
+out = []
+for method, path in (("GET", sys.argv[4]), ("GET", sys.argv[4]),
+                     ("GET", "/echo/p?q=%3Cscript%3Ealert(1)%3C/script%3E"),
+                     ("GET", "/cdn-cgi/trace")):
+    conn.request(method, path)
+    r = conn.getresponse()
+    body = r.read()
+    out.append([r.status, r.getheader("cf-cache-status"), len(body)])
+print(json.dumps({"answers": out, "version": conn.sock.version()}))
+"""
+
+
+def test_a_python_client_on_one_kept_alive_connection(lab: Lab) -> None:
+    """Python's own TLS and HTTP client, four requests on one connection."""
+    path = f"/static/py-{secrets.token_hex(4)}.css"
+    r = lab.exec("client", [lab.python, "-c", PY_CLIENT, str(lab.state_dir / "pki" / "ca.crt"),
+                            WWW, ADDRESS[WWW], path],
+                 capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["version"] == "TLSv1.3"
+    assert got["answers"][:2] == [[200, "MISS", 1024], [200, "HIT", 1024]]
+    assert got["answers"][2][:2] == [403, None]          # the WAF, before the cache
+    assert got["answers"][3][0] == 200                   # the connection goes on after a 403
+
+
 # ------------------------------------------------------------------------ rules
 
 

@@ -130,6 +130,8 @@ def test_vms_are_provisioned_like_the_namespace_lab(vms) -> None:
             assert f"--if {seg}=mac:{net['mac']}" in script
         assert ("-m agent.daemon run" in script) == node.is_dc, node.name
         assert (f"-m lab generate {node.name} " in script) == node.is_dc
+        # The origin host runs the lab's origin over TLS, the others do not.
+        assert ("-m lab.origin --port 443" in script) == (node.name == topo.origin.host)
 
 
 def test_vagrant_validates_it(tmp_path) -> None:
