@@ -299,6 +299,21 @@ def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
 # -- the namespace lab -------------------------------------------------------
 
 
+def _wait_for_line(log: Path, offset: int, proc: subprocess.Popen, needle: str,
+                   deadline: float) -> tuple[bool, str]:
+    """Poll what a process logged after `offset` until `needle` shows up:
+    (True, text); (False, text) if the process ended or the deadline passed."""
+    while True:
+        with open(log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        if needle in text:
+            return True, text
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False, text
+        time.sleep(0.05)
+
+
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces): run it with sudo")
@@ -638,19 +653,13 @@ class Lab:
         deadline = time.monotonic() + AGENT_READY_TIMEOUT
         for dc, (p, offset) in starting.items():
             log = self.dc_dir(dc) / "agent.log"
-            while True:
-                with open(log, "rb") as f:
-                    f.seek(offset)
-                    text = f.read().decode(errors="replace")
-                if "[ready]" in text:
-                    break
-                if p.poll() is not None or time.monotonic() > deadline:
-                    why = (f"exited with {p.returncode}" if p.returncode is not None
-                           else f"not ready after {AGENT_READY_TIMEOUT:.0f}s")
-                    tail = "\n    ".join(text.strip().splitlines()[-15:])
-                    raise LabError(f"agent of {dc} {why} (log {log}):\n    {tail}\n"
-                                   f"stop what started with: python -m lab down")
-                time.sleep(0.1)
+            ready, text = _wait_for_line(log, offset, p, "[ready]", deadline)
+            if not ready:
+                why = (f"exited with {p.returncode}" if p.returncode is not None
+                       else f"not ready after {AGENT_READY_TIMEOUT:.0f}s")
+                tail = "\n    ".join(text.strip().splitlines()[-15:])
+                raise LabError(f"agent of {dc} {why} (log {log}):\n    {tail}\n"
+                               f"stop what started with: python -m lab down")
         return changes
 
     # -- the origin server (lab/origin.py) on its host
@@ -691,17 +700,11 @@ class Lab:
                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
                                  env=_env(), start_new_session=True)
         self._origin_pid_file().write_text(f"{p.pid}\n")
-        deadline = time.monotonic() + ORIGIN_READY_TIMEOUT
-        while True:
-            with open(log, "rb") as f:
-                f.seek(offset)
-                text = f.read().decode(errors="replace")
-            if "listening on" in text:
-                break
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise LabError(f"the origin server did not start (log {log}):\n    "
-                               + "\n    ".join(text.strip().splitlines()[-10:]))
-            time.sleep(0.05)
+        ready, text = _wait_for_line(log, offset, p, "listening on",
+                                     time.monotonic() + ORIGIN_READY_TIMEOUT)
+        if not ready:
+            raise LabError(f"the origin server did not start (log {log}):\n    "
+                           + "\n    ".join(text.strip().splitlines()[-10:]))
         return [*changes, f"{self.ns(o.host)}: origin server started (pid {p.pid})"]
 
     def _origin_down(self, removed: list[str]) -> None:

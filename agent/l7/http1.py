@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,15 @@ def _reason(status: int) -> str:
 
 def _no_body(status: int) -> bool:
     return status < 200 or status in (204, 304)
+
+
+def _handler_failed(e: Exception) -> Response:
+    """A bug answered with 500. Logged by type and code location only: an
+    exception's message may quote the request, and nothing of it is logged."""
+    where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    log.error("request handler failed: %s at %s", type(e).__name__,
+              ", ".join(f"{f.filename}:{f.lineno}" for f in where) or "?")
+    return Response(500, b"500 Internal Server Error\n", close=True)
 
 
 async def _close_stream(stream: AsyncIterator[bytes]) -> None:
@@ -296,9 +306,8 @@ class Http1Protocol(asyncio.Protocol):
             self._cancel_timer()
             try:
                 answer = self.handler(item)  # type: ignore[misc]
-            except Exception:
-                log.exception("request handler failed")
-                answer = Response(500, b"500 Internal Server Error\n", close=True)
+            except Exception as e:
+                answer = _handler_failed(e)
             if isinstance(answer, Response) and answer.stream is None:
                 self._write(answer, item)
                 self._finished(answer, item)
@@ -310,9 +319,8 @@ class Http1Protocol(asyncio.Protocol):
             response = answer if isinstance(answer, Response) else await answer
         except asyncio.CancelledError:
             raise
-        except Exception:
-            log.exception("request handler failed")
-            response = Response(500, b"500 Internal Server Error\n", close=True)
+        except Exception as e:
+            response = _handler_failed(e)
         try:
             if response.stream is None:
                 self._write(response, request)

@@ -398,8 +398,8 @@ class L7Server:
                 return ssl.ALERT_DESCRIPTION_HANDSHAKE_FAILURE
             ssl_obj.context = self._contexts[decision.zone]
             return None
-        except Exception:  # never let a bug continue the handshake on the front context
-            log.exception("SNI callback failed")
+        except Exception as e:  # never let a bug continue the handshake on the front context
+            log.error("SNI callback failed: %s", type(e).__name__)  # its message may quote the name
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
 

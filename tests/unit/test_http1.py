@@ -25,6 +25,8 @@ LIMITS = Limits(head_bytes=4096, headers=20, body_bytes=1000, head_timeout=0.5,
 
 
 async def _echo(request: Request) -> Response:
+    if request.target.startswith("/bug"):
+        raise ValueError(f"a bug that quotes the request: {request.target}")
     return Response(200, json.dumps({"method": request.method, "target": request.target,
                                      "host": request.host, "body": request.body.decode(),
                                      "id": request.request_id}).encode(),
@@ -171,3 +173,12 @@ def test_garbage_gets_400(server) -> None:
     port, counters = server
     ((status, _, _),) = _exchange(port, b"\x16\x03\x01 not http\r\n\r\n")
     assert status == 400 and counters.snapshot()["request_errors"]["malformed"] == 1
+
+
+def test_a_handler_bug_is_a_500_and_its_message_is_not_logged(server, caplog) -> None:
+    port, _ = server
+    with caplog.at_level("ERROR", logger="privedge.l7"):
+        got = _exchange(port, b"GET /bug-secret-7f3a HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    assert [s for s, _, _ in got] == [500]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "ValueError" in logged and "secret-7f3a" not in logged
