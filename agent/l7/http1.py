@@ -268,6 +268,18 @@ class Http1Protocol(asyncio.Protocol):
         hosts = sum(1 for n, _ in self._headers if n == "host")
         if hosts > 1 or (hosts == 0 and self._parser.get_http_version() == "1.1"):
             raise _Refuse(400, RequestError.MALFORMED)
+        # A declared length over the limit is refused before any body byte
+        # is read; a client that waits for "100 Continue" is told to go on
+        # (curl waits a second for it before sending a body over 1 KB).
+        expect = False
+        for name, value in self._headers:
+            if name == "content-length" and value.isdigit() and \
+                    int(value) > self.limits.body_bytes:
+                raise _Refuse(413, RequestError.TOO_LARGE)
+            if name == "expect" and value.lower() == "100-continue":
+                expect = True
+        if expect and not self._busy and not self._queue and self.transport is not None:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._in_head = False
         if not self._busy:
             self._arm(self.limits.body_timeout, self._body_expired)

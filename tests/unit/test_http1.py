@@ -182,3 +182,23 @@ def test_a_handler_bug_is_a_500_and_its_message_is_not_logged(server, caplog) ->
     assert [s for s, _, _ in got] == [500]
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "ValueError" in logged and "secret-7f3a" not in logged
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(server) -> None:
+    port, counters = server
+    head = (b"POST /up HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 5000\r\n"
+            b"Expect: 100-continue\r\n\r\n")
+    got = _exchange(port, head)           # no body byte sent at all
+    assert [s for s, _, _ in got] == [413]
+    assert counters.snapshot()["request_errors"]["too_large"] == 1
+
+
+def test_expect_100_continue_is_answered_before_the_body(server) -> None:
+    port, _ = server
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"POST /up HTTP/1.1\r\nHost: www.example.com\r\nContent-Length: 5\r\n"
+                  b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(b"hello")
+        got = _responses(_read_all(s))
+    assert got[0][0] == 200 and json.loads(got[0][2])["body"] == "hello"
