@@ -11,8 +11,10 @@ a client from holding the server hostage:
   head      at most `head_bytes` of request line and headers (431), at most
             `headers` header fields (431), complete within `head_timeout`
             of its first byte (408: a slowloris is closed)
-  body      at most `body_bytes` (413), each read within `body_timeout`
-            (408); chunked and Content-Length bodies alike (llhttp decodes)
+  body      at most `body_bytes` (413, before any body byte when the
+            declared length is over), each read within `body_timeout` (408);
+            chunked and Content-Length bodies alike (llhttp decodes);
+            "Expect: 100-continue" gets its 100 at once
   idle      a request must start within `idle_timeout`: the first one gets
             408 after that, a kept-alive connection is closed quietly
 
