@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 
 from lab.cluster import Lab
-from lab.topology import load_topology
+from tests.integration.labs import whole_lab
 
-PREFIX = f"l{os.getpid() % 100000}-"
 WWW, SHOP = "www.example.com", "shop.example.eu"
 ADDRESS = {WWW: "198.51.100.10", SHOP: "198.51.100.65"}
 CLIENT = "203.0.113.10"
@@ -37,12 +36,7 @@ CURL_TIMEOUT = 15
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(load_topology(), prefix=PREFIX)
-    try:
-        lab.up(agents=True)
-        yield lab
-    finally:
-        lab.down()
+    yield from whole_lab("l")
 
 
 def curl(lab: Lab, *args: str, name: str = WWW, stdin: str | None = None,

@@ -25,20 +25,14 @@ from scapy.utils import rdpcap
 
 from agent.l7.proxy import TRACE_PATH
 from lab.cluster import Lab
-from lab.topology import load_topology
+from tests.integration.labs import whole_lab
 
-PREFIX = f"r{os.getpid() % 100000}-"
 EU4, EU6, WWW4 = "198.51.100.65", "2001:db8:100::65", "198.51.100.10"
 
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(load_topology(), prefix=PREFIX)
-    try:
-        lab.up(agents=True)
-        yield lab
-    finally:
-        lab.down()
+    yield from whole_lab("r")
 
 
 def _ns(lab: Lab, name: str) -> list[str]:
