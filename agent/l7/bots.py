@@ -31,7 +31,7 @@ BROWSER_HEADERS = ("accept", "accept-language", "accept-encoding")
 COOKIE = "__pe_bot"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # per request: frozen ones cost more to build
 class Assessment:
     score: int                 # 0 clean .. 100 certainly a bot
     reasons: tuple[str, ...]   # enum-like labels, for counters

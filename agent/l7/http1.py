@@ -57,7 +57,7 @@ class Limits:
     idle_timeout: float = 30.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: one per request, and frozen ones cost more to build
 class Request:
     method: str
     target: str

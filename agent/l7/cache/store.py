@@ -102,9 +102,10 @@ class Action(StrEnum):
     FETCH = "fetch"              # ask the origin
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made per request, and frozen ones cost 4x to build
 class Lookup:
-    """What to do with one request, and what store()/revalidated() need later."""
+    """What to do with one request, and what store()/revalidated() need later.
+    Read-only by convention (lookup_entry() makes a new one)."""
 
     action: Action
     status: Status
