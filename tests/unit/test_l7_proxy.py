@@ -323,3 +323,19 @@ def test_hsts_when_the_zone_asks_for_it(tmp_path, pki, origin) -> None:
             assert get(c, path)[1]["strict-transport-security"] == \
                 "max-age=600; includeSubDomains", path
         c.close()
+
+
+def test_an_http10_client_gets_a_streamed_body_to_the_close(conn, pki) -> None:
+    """The origin sends /big chunked; HTTP/1.0 knows no chunks, so the edge
+    sends the body bare and ends it by closing the connection."""
+    _, handle = conn
+    ctx = ssl.create_default_context(cafile=str(pki))
+    with socket.create_connection(("127.0.0.1", handle.addresses[0][1]), TIMEOUT) as raw, \
+            ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+        tls.sendall(f"GET /big?size=100000 HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
+    assert b"transfer-encoding" not in head.lower() and body == b"b" * 100000
