@@ -8,7 +8,8 @@
     rate limits  over the rate: 429 with Retry-After
 
 `ZonePipeline.run` returns the response that ends a request here, or
-None with the page rule settings for the next stages (WAF, cache, origin).
+None with the page rule settings and the split request-target for the next
+stages (WAF, cache, origin).
 Built from the zone's config once; a reload builds new ones and swaps
 them in by reference. Nothing about a request outlives `run`, except the
 rate limiter's per-client counters (in memory, bounded).
@@ -39,6 +40,11 @@ class Outcome:
     allowed: bool = False           # a firewall allow rule matched
     challenge: bool = False         # a firewall challenge rule matched: the bot
                                     # challenge decides (agent/l7/proxy.py)
+    # The request-target split once, for the stages after (set when the
+    # request goes on): origin-form target, path, query.
+    target: str = ""
+    path: str = ""
+    query: str = ""
 
 
 def _cookie_names(header: str) -> frozenset[str]:
@@ -104,14 +110,15 @@ class ZonePipeline:
                 return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
                                settings)
             if verdict.action == "allow":
-                return Outcome(None, settings, allowed=True)
+                return Outcome(None, settings, allowed=True, target=target, path=path,
+                               query=query)
             challenge = verdict.action == "challenge"
 
         if not self.rate_limiter.rules:
-            return Outcome(None, settings, challenge=challenge)
+            return Outcome(None, settings, False, challenge, target, path, query)
         limited = self.rate_limiter.check(client, path, headers, now)
         if not limited.allowed:
             self.counters.action(self.zone, RuleAction.RATE_LIMITED)
             return Outcome(Response(429, b"429 Too Many Requests\n",
                                     [("Retry-After", str(limited.retry_after))]), settings)
-        return Outcome(None, settings, challenge=challenge)
+        return Outcome(None, settings, False, challenge, target, path, query)

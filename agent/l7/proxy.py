@@ -47,14 +47,6 @@ TRACE_PATH = "/cdn-cgi/trace"
 RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
-def _split_target(target: str) -> tuple[str, str, str]:
-    """(origin-form target, path, query); an absolute-form target keeps its path."""
-    if "://" in target:
-        target = "/" + target.split("://", 1)[1].partition("/")[2]
-    path, _, query = target.partition("?")
-    return target, path, query
-
-
 class ZoneProxy:
     def __init__(self, cfg: ServeConfig, zone: Zone, counters: Counters,
                  countries: CountryTable, challenge: Challenge) -> None:
@@ -103,7 +95,7 @@ class ZoneProxy:
         if outcome.response is not None:
             return outcome.response
         settings = outcome.settings
-        target, path, query = _split_target(request.target)
+        target, path, query = outcome.target, outcome.path, outcome.query
         login = LoginCheck.none
         if not outcome.allowed:
             refused = self._protect(request, client, tls, settings, outcome.challenge)
