@@ -126,6 +126,15 @@ def tls_context(cert: Path | None = None, key: Path | None = None,
     return ctx
 
 
+def _readable_by_others(zone: str, key: Path) -> str | None:
+    """The problem with a private key that group or others may read, if so."""
+    mode = stat.S_IMODE(key.stat().st_mode)
+    if mode & KEY_MODE_FORBIDDEN:
+        return f"zone {zone}: {key}: mode {mode:04o} lets others read the private key; " \
+               f"chmod 600 {key}"
+    return None
+
+
 def load_zone_contexts(certs: Path, zones: Iterable[str],
                        resumption: bool = True) -> dict[str, ssl.SSLContext]:
     """One context per zone from <certs>/<zone>.crt and .key (and an RSA
@@ -144,10 +153,8 @@ def load_zone_contexts(certs: Path, zones: Iterable[str],
                 problems.append(f"zone {zone}: {certs}: {' and '.join(missing)} missing "
                                 f"(a PEM chain in {zone}.crt, its key in {zone}.key)")
                 continue
-            mode = stat.S_IMODE(key.stat().st_mode)
-            if mode & KEY_MODE_FORBIDDEN:
-                problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read the "
-                                f"private key; chmod 600 {key}")
+            if (exposed := _readable_by_others(zone, key)) is not None:
+                problems.append(exposed)
                 continue
             ctx = tls_context(crt, key, resumption)
             # An RSA twin, if there is one: OpenSSL then picks per client
@@ -155,10 +162,8 @@ def load_zone_contexts(certs: Path, zones: Iterable[str],
             rsa_crt, rsa_key = certs / f"{zone}.rsa.crt", certs / f"{zone}.rsa.key"
             if rsa_crt.is_file() and rsa_key.is_file():
                 crt, key = rsa_crt, rsa_key
-                mode = stat.S_IMODE(key.stat().st_mode)
-                if mode & KEY_MODE_FORBIDDEN:
-                    problems.append(f"zone {zone}: {key}: mode {mode:04o} lets others read "
-                                    f"the private key; chmod 600 {key}")
+                if (exposed := _readable_by_others(zone, key)) is not None:
+                    problems.append(exposed)
                     continue
                 ctx.load_cert_chain(crt, key)
             contexts[zone] = ctx
