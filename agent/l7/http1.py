@@ -191,6 +191,7 @@ class Http1Protocol(asyncio.Protocol):
         # The request being parsed.
         self._url = b""
         self._headers: list[tuple[str, str]] = []
+        self._host: str | None = None        # the one Host header (on_headers_complete)
         self._head_size = 0
         self._body: list[bytes] = []
         self._body_size = 0
@@ -295,9 +296,10 @@ class Http1Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host; a server
         # must refuse one with none or several (they would split the zone check).
-        hosts = sum(1 for n, _ in self._headers if n == "host")
-        if hosts > 1 or (hosts == 0 and self._parser.get_http_version() == "1.1"):
+        hosts = [v for n, v in self._headers if n == "host"]
+        if len(hosts) > 1 or (not hosts and self._parser.get_http_version() == "1.1"):
             raise _Refuse(400, RequestError.MALFORMED)
+        self._host = hosts[0] if hosts else None
         # A declared length over the limit is refused before any body byte
         # is read; a client that waits for "100 Continue" is told to go on
         # (curl waits a second for it before sending a body over 1 KB).
@@ -324,10 +326,9 @@ class Http1Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         p = self._parser
-        headers = tuple(self._headers)
-        host = next((v for n, v in headers if n == "host"), None)
         self._queue.append(Request(
-            p.get_method().decode("ascii"), self._url.decode("latin-1"), host, headers,
+            p.get_method().decode("ascii"), self._url.decode("latin-1"), self._host,
+            tuple(self._headers),
             b"".join(self._body), _request_id(), p.get_http_version(),
             p.should_keep_alive()))
         self._body, self._body_size = [], 0
