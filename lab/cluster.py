@@ -299,6 +299,20 @@ def provision(topology: Topology, host: str, ifmap: Mapping[str, str], *,
 # -- the namespace lab -------------------------------------------------------
 
 
+def _terminate(pid: int, still_ours: Callable[[], bool],
+               proc: subprocess.Popen | None = None) -> None:
+    """SIGTERM, a grace of AGENT_STOP_TIMEOUT to exit, then SIGKILL, but only
+    if the PID is still the process we mean (PIDs are reused)."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + AGENT_STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if (proc is not None and proc.poll() is not None) or not _alive(pid):
+            return
+        time.sleep(0.05)
+    if still_ours():
+        os.kill(pid, signal.SIGKILL)
+
+
 def _wait_for_line(log: Path, offset: int, proc: subprocess.Popen, needle: str,
                    deadline: float) -> tuple[bool, str]:
     """Poll what a process logged after `offset` until `needle` shows up:
@@ -711,12 +725,7 @@ class Lab:
         pid = self.origin_pid()
         if pid is None:
             return
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + AGENT_STOP_TIMEOUT
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if self.origin_pid() == pid:
-            os.kill(pid, signal.SIGKILL)
+        _terminate(pid, lambda: self.origin_pid() == pid)
         removed.append(f"origin server (pid {pid})")
 
     def restart_agent(self, dc: str) -> list[str]:
@@ -744,15 +753,7 @@ class Lab:
             self.state_dir.rmdir()  # only if nothing else is in it
 
     def _stop_agent(self, dc: str, pid: int) -> None:
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + AGENT_STOP_TIMEOUT
-        p = self._procs.pop(dc, None)
-        while time.monotonic() < deadline:
-            if (p is not None and p.poll() is not None) or not _alive(pid):
-                return
-            time.sleep(0.05)
-        if self._is_agent(pid, dc):
-            os.kill(pid, signal.SIGKILL)
+        _terminate(pid, lambda: self._is_agent(pid, dc), self._procs.pop(dc, None))
 
     def _strays(self, names: Sequence[str]) -> dict[int, str]:
         """Agents (agent.daemon) running inside our namespaces without a
@@ -820,12 +821,7 @@ class Lab:
         for pid, name in self._strays(names).items():
             dc = name.removeprefix(self.prefix)
             if "agent.daemon" in _cmdline(pid):
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + AGENT_STOP_TIMEOUT
-                while _alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if _alive(pid) and "agent.daemon" in _cmdline(pid):
-                    os.kill(pid, signal.SIGKILL)
+                _terminate(pid, lambda pid=pid: _alive(pid) and "agent.daemon" in _cmdline(pid))
                 removed.append(f"unrecorded agent in {name} (pid {pid}, {dc})")
         self._origin_down(removed)
         for dc in dcs:
