@@ -85,13 +85,15 @@ class Challenge:
         return False
 
     def issue(self, request: Request, client: str, tls: bool,
-              now: float | None = None) -> Response:
-        """302 back to the same URL with the cookie that passes next time."""
+              now: float | None = None, ttl: float | None = None) -> Response:
+        """302 back to the same URL with the cookie that passes next time;
+        `ttl` (a zone's challenge_ttl) overrides the default lifetime."""
         now = time.time() if now is None else now
-        expires = int(now + self.ttl)
+        ttl = self.ttl if ttl is None else ttl
+        expires = int(now + ttl)
         mac = self._mac(client, dict(request.headers).get("user-agent", ""), expires)
         secure = "; Secure" if tls else ""
-        cookie = f"{COOKIE}={expires}.{mac}; Path=/; Max-Age={int(self.ttl)}; HttpOnly{secure}"
+        cookie = f"{COOKIE}={expires}.{mac}; Path=/; Max-Age={int(ttl)}; HttpOnly{secure}"
         location = quote(request.target, safe="/?&=%:@!$'()*+,;~-._")
         return Response(302, b"checking your browser, follow the redirect\n",
                         [("Location", location), ("Set-Cookie", cookie),

@@ -180,7 +180,7 @@ class ZoneProxy:
                 self.counters.action(name, RuleAction.CHALLENGE_PASSED)
                 return None
             self.counters.action(name, RuleAction.CHALLENGE_ISSUED)
-            return self.challenge.issue(request, client, tls)
+            return self.challenge.issue(request, client, tls, ttl=bots.challenge_ttl)
         return None
 
     def _from_cache(self, request: Request, lookup: Lookup) -> Response:

@@ -339,3 +339,11 @@ def test_an_http10_client_gets_a_streamed_body_to_the_close(conn, pki) -> None:
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" in head
     assert b"transfer-encoding" not in head.lower() and body == b"b" * 100000
+
+
+def test_the_zones_challenge_ttl_is_the_cookies_lifetime(tmp_path, pki, origin) -> None:
+    with edge(tmp_path, pki, origin, bots={"mode": "challenge", "challenge_ttl": 600}) as h:
+        c = EdgeConnection(h.addresses[0][1], pki)
+        status, headers, _ = get(c, "/members")
+        c.close()
+    assert status == 302 and "Max-Age=600;" in headers["set-cookie"]
