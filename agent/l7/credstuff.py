@@ -66,7 +66,6 @@ import os
 import posixpath
 import re
 import unicodedata
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -77,6 +76,7 @@ from pydantic import Field, field_validator, model_validator
 from agent.config import Frozen
 from agent.l7.http1 import Response
 from agent.l7.leaked import LeakedPasswords
+from agent.l7.ratelimit import Window, Windows
 
 EXPOSED_HEADER = "Exposed-Credential-Check"
 KEY_BYTES = 16         # of an HMAC-SHA256 counter key: collisions are out of reach
@@ -195,41 +195,25 @@ class LoginSettings(Frozen):
 # -- counters -----------------------------------------------------------------------------
 
 
-class _Tally:
-    __slots__ = ("blocked_until", "current", "previous", "start")
-
-    def __init__(self, start: float) -> None:
-        self.start, self.current, self.previous, self.blocked_until = start, 0, 0, 0.0
-
-
 class _Tallies:
-    """Failed logins per key of one kind (clients or usernames), in a bounded LRU."""
+    """Failed logins per key of one kind (clients or usernames): sliding
+    windows in a bounded LRU (agent/l7/ratelimit.py's Windows)."""
 
     def __init__(self, limit: int, period: float, max_keys: int) -> None:
-        self.limit, self.period, self.max_keys = limit, period, max_keys
-        self._tallies: OrderedDict[bytes, _Tally] = OrderedDict()
-        self.evicted = 0
+        self.limit, self.period = limit, period
+        self._windows = Windows(max_keys)
 
     def __len__(self) -> int:
-        return len(self._tallies)
+        return len(self._windows)
 
-    def get(self, key: bytes, now: float) -> _Tally:
-        t = self._tallies.get(key)
-        if t is None:
-            t = self._tallies[key] = _Tally(now - now % self.period)
-            if len(self._tallies) > self.max_keys:
-                self._tallies.popitem(last=False)
-                self.evicted += 1
-        else:
-            self._tallies.move_to_end(key)
-        periods = int((now - t.start) // self.period)
-        if periods >= 1:   # roll the fixed windows forward to the one holding now
-            t.previous = t.current if periods == 1 else 0
-            t.current = 0
-            t.start += periods * self.period
-        return t
+    @property
+    def evicted(self) -> int:
+        return self._windows.evicted
 
-    def refusal(self, t: _Tally, now: float, block: float) -> int:
+    def get(self, key: bytes, now: float) -> Window:
+        return self._windows.get(key, self.period, now)
+
+    def refusal(self, t: Window, now: float, block: float) -> int:
         """Seconds this key must wait before another attempt, 0 if it may try now.
         The attempt that would go over the limit starts the block."""
         if t.blocked_until > now:
@@ -242,7 +226,7 @@ class _Tallies:
 
     def refund(self, key: bytes, start: float) -> None:
         """Take back an attempt counted in the window that began at `start`."""
-        t = self._tallies.get(key)
+        t = self._windows.peek(key)
         if t is None:
             return                              # evicted: nothing left to take back
         if abs(t.start - start) < self.period / 2:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -50,19 +50,59 @@ class Decision:
     retry_after: int = 0               # seconds, for a 429's Retry-After
 
 
-class _Window:
+class Window:
+    """Counts in two fixed windows of a key, and until when the key is blocked."""
+
     __slots__ = ("blocked_until", "current", "previous", "start")
 
     def __init__(self, start: float) -> None:
         self.start, self.current, self.previous, self.blocked_until = start, 0, 0, 0.0
 
 
+class Windows:
+    """Windows by key in a bounded LRU (least recently seen evicted first,
+    and counted). Shared by the rate limiter and the login checks."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self._windows: OrderedDict[Hashable, Window] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def peek(self, key: Hashable) -> Window | None:
+        """The key's window as it is, if there is one (no roll, no LRU touch)."""
+        return self._windows.get(key)
+
+    def get(self, key: Hashable, period: float, now: float) -> Window:
+        """The key's window, made if new, rolled forward to the one holding `now`."""
+        w = self._windows.get(key)
+        if w is None:
+            w = Window(now - now % period)
+            self._windows[key] = w
+            if len(self._windows) > self.max_keys:
+                self._windows.popitem(last=False)
+                self.evicted += 1
+        else:
+            self._windows.move_to_end(key)
+        periods = int((now - w.start) // period)
+        if periods >= 1:
+            w.previous = w.current if periods == 1 else 0
+            w.current = 0
+            w.start += periods * period
+        return w
+
+
 class RateLimiter:
     def __init__(self, rules: Sequence[RateRule], max_keys: int = 100_000) -> None:
         self.rules = tuple(rules)
         self.max_keys = max_keys
-        self._windows: OrderedDict[tuple, _Window] = OrderedDict()
-        self.evicted = 0
+        self._windows = Windows(max_keys)
+
+    @property
+    def evicted(self) -> int:
+        return self._windows.evicted
 
     def _key(self, i: int, rule: RateRule, src: str, path: str,
              headers: dict[str, str]) -> tuple:
@@ -79,7 +119,7 @@ class RateLimiter:
         for i, rule in enumerate(self.rules):
             if not path.startswith(rule.path_prefix):
                 continue
-            w = self._window(self._key(i, rule, src, path, headers), rule, now)
+            w = self._windows.get(self._key(i, rule, src, path, headers), rule.period, now)
             if w.blocked_until > now:
                 wait = math.ceil(w.blocked_until - now)
                 verdict = verdict if not verdict.allowed else Decision(False, rule.name, wait)
@@ -92,21 +132,3 @@ class RateLimiter:
                 if verdict.allowed:
                     verdict = Decision(False, rule.name, max(1, math.ceil(rule.block)))
         return verdict
-
-    def _window(self, key: tuple, rule: RateRule, now: float) -> _Window:
-        w = self._windows.get(key)
-        if w is None:
-            w = _Window(now - now % rule.period)
-            self._windows[key] = w
-            if len(self._windows) > self.max_keys:
-                self._windows.popitem(last=False)
-                self.evicted += 1
-        else:
-            self._windows.move_to_end(key)
-        # Roll the fixed windows forward to the one holding `now`.
-        periods = int((now - w.start) // rule.period)
-        if periods >= 1:
-            w.previous = w.current if periods == 1 else 0
-            w.current = 0
-            w.start += periods * rule.period
-        return w
