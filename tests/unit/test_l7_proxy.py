@@ -191,9 +191,12 @@ def test_cache_miss_hit_head_and_client_304(conn, origin, pki) -> None:
 
 def test_stale_entry_is_revalidated_with_its_etag(conn, origin, pki) -> None:
     c, _ = conn
-    path = "/static/two.css?cc=max-age%3D1"
+    # Two seconds, not one: Date has whole seconds, so a response's age on
+    # arrival is up to a second, and a refreshed one-second entry could be
+    # stale again before the HIT below.
+    path = "/static/two.css?cc=max-age%3D2"
     assert get(c, path)[1]["cf-cache-status"] == "MISS"
-    time.sleep(1.2)
+    time.sleep(2.2)
     status, headers, body = get(c, path)
     assert (status, headers["cf-cache-status"]) == (200, "REVALIDATED") and len(body) == 1024
     assert get(c, path)[1]["cf-cache-status"] == "HIT"
