@@ -120,14 +120,18 @@ def read_counters(lab: Lab) -> Counters:
     return out
 
 
+def curl_to(lab: Lab, name: str, address: str) -> list[str]:
+    """curl, bounded, trusting the lab CA, with `name` resolved to `address`."""
+    res = f"[{address}]" if ":" in address else address
+    return ["curl", "-sS", "--max-time", str(CURL_TIMEOUT),
+            "--cacert", str(lab.state_dir / "pki" / "ca.crt"), "--resolve", f"{name}:443:{res}"]
+
+
 def https(lab: Lab, host: str, name: str, address: str, marker: str = "") -> tuple[int, dict]:
     """One HTTPS request with curl from a lab host: (status code, JSON answer).
     The marker rides inside TLS, in the query and in a request header. The
     trace path is answered by the edge itself: which DC, region and zone."""
-    res = f"[{address}]" if ":" in address else address
-    argv = ["curl", "-sS", "--max-time", str(CURL_TIMEOUT),
-            "--cacert", str(lab.state_dir / "pki" / "ca.crt"),
-            "--resolve", f"{name}:443:{res}", "-w", "\n%{http_code}",
+    argv = [*curl_to(lab, name, address), "-w", "\n%{http_code}",
             f"https://{name}{TRACE_PATH}?{marker}"]
     if marker:
         argv += ["-H", f"X-Marker: {marker}"]
@@ -503,13 +507,11 @@ class Story:
         lab = self.lab
         if lab.move("client", "dus"):
             say("client moved back to dus")
-        ca = str(lab.state_dir / "pki" / "ca.crt")
         jar = "/dev/shm/privedge-demo-jar"   # memory: the demo writes no request to disk
 
         def curl(path: str, *args: str) -> tuple[str, str]:
             """(status, cf-cache-status or the Location) of one request from el-client."""
-            r = lab.exec("client", ["curl", "-sS", "--max-time", str(CURL_TIMEOUT), "--cacert", ca,
-                                    "--resolve", f"{WWW}:443:{WWW4}", "-o", "/dev/null", "-w",
+            r = lab.exec("client", [*curl_to(lab, WWW, WWW4), "-o", "/dev/null", "-w",
                                     "%{http_code} %header{cf-cache-status}%{redirect_url}",
                                     *args, f"https://{WWW}{path}"],
                          capture_output=True, text=True, timeout=CURL_TIMEOUT + 10)
