@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from agent.l7.status import read_status
 from lab.cluster import Lab
 from lab.topology import load_topology
 
@@ -18,3 +19,8 @@ def whole_lab(letter: str) -> Iterator[Lab]:
         yield lab
     finally:
         lab.down()
+
+
+def front(lab: Lab, dc: str) -> dict:
+    """A DC's TLS front end counters, from its status socket."""
+    return read_status(str(lab.dc_dir(dc) / "l7.sock"))

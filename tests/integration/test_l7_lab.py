@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from lab.cluster import Lab
-from tests.integration.labs import whole_lab
+from tests.integration.labs import front, whole_lab
 
 WWW, SHOP = "www.example.com", "shop.example.eu"
 ADDRESS = {WWW: "198.51.100.10", SHOP: "198.51.100.65"}
@@ -57,12 +57,6 @@ def fetch(lab: Lab, path: str, *args: str, name: str = WWW) -> tuple[int, dict, 
     lines = head.split("\n")
     headers = {n.lower(): v for n, _, v in (line.partition(": ") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, body
-
-
-def front(lab: Lab, dc: str = "dus") -> dict:
-    from agent.l7.status import read_status
-
-    return read_status(str(lab.dc_dir(dc) / "l7.sock"))
 
 
 # ------------------------------------------------------------------------ zones
@@ -222,7 +216,7 @@ def test_nothing_about_requests_is_written_to_disk(lab: Lab) -> None:
                  timeout=300)
     codes = r.stdout.split()
     assert r.returncode == 0 and len(codes) == 1000 and set(codes) == {"200"}, r.stderr[-500:]
-    st = front(lab)
+    st = front(lab, "dus")
     assert st["cache"]["disk"]["objects"] > 0, "nothing spilled: the test proves less than it says"
 
     roots = ["/"] + [m for m in ("/tmp", "/var", "/run", "/dev/shm", "/home", "/root", "/work")

@@ -25,7 +25,7 @@ from scapy.utils import rdpcap
 
 from agent.l7.proxy import TRACE_PATH
 from lab.cluster import Lab
-from tests.integration.labs import whole_lab
+from tests.integration.labs import front, whole_lab
 
 EU4, EU6, WWW4 = "198.51.100.65", "2001:db8:100::65", "198.51.100.10"
 
@@ -51,12 +51,6 @@ def xdp(lab: Lab, dc: str, link: str) -> dict:
     s = json.loads(out.stdout)
     s["by_reason"] = {c["reason"]: c["packets"] for c in s["counters"]}
     return s
-
-
-def front(lab: Lab, dc: str) -> dict:
-    from agent.l7.status import read_status
-
-    return read_status(str(lab.dc_dir(dc) / "l7.sock"))
 
 
 def served(status: dict, zone: str) -> int:
