@@ -60,9 +60,10 @@ def cpu_us(fn, requests: list, rounds: int, fresh: Callable[[], None] = lambda: 
 
 
 def forget(waf: Waf) -> Callable[[], None]:
-    """Empty the WAF's memo of clean values: every corpus value is unseen, as
-    an attacker's are (real traffic repeats its Host and User-Agent more)."""
-    return waf._clean.clear
+    """Empty the WAF's memos of clean values and requests: every corpus
+    request is unseen, as an attacker's are (real traffic repeats its Host,
+    its User-Agent and whole requests more)."""
+    return waf.forget
 
 
 def measure(waf: Waf, entries: list[CorpusEntry], rounds: int) -> dict:

@@ -77,6 +77,7 @@ class Guard:
                     self._exact[h] = z
         self._default = None if cfg.unknown_sni == REFUSE else cfg.zone(cfg.unknown_sni)
         self.servable: tuple[str, ...] = tuple(z.name for z in cfg.zones if self.local(z))
+        self._host_ok = {z.name: Decision(Action.SERVE, z.name, Reason.HOST) for z in cfg.zones}
 
     def local(self, zone: Zone) -> bool:
         """May this DC inspect `zone`? Global zones: yes; regional: only in region."""
@@ -124,6 +125,9 @@ class Guard:
         `host` may carry a port ("shop.example.eu:443") or be a bracketed
         IPv6 literal. A Host naming no zone resolves like an unknown SNI.
         """
+        exact = self._exact.get(host) if host else None  # as sent: "www.example.com"
+        if exact is not None and exact.name == tls_zone:
+            return self._host_ok[tls_zone]
         name = host_name(host)
         zone = self.lookup(name) or self._default
         if zone is None or zone.name != tls_zone:

@@ -102,11 +102,11 @@ class _Refuse(Exception):
         self.status, self.error = status, error
 
 
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
+    return _REASONS.get(status, "")
 
 
 def _no_body(status: int) -> bool:
@@ -303,17 +303,20 @@ class Http1Protocol(asyncio.Protocol):
         # A declared length over the limit is refused before any body byte
         # is read; a client that waits for "100 Continue" is told to go on
         # (curl waits a second for it before sending a body over 1 KB).
-        expect = False
+        expect = body = False
         for name, value in self._headers:
-            if name == "content-length" and value.isdigit() and \
-                    int(value) > self.limits.body_bytes:
-                raise _Refuse(413, RequestError.TOO_LARGE)
-            if name == "expect" and value.lower() == "100-continue":
+            if name == "content-length":
+                if value.isdigit() and int(value) > self.limits.body_bytes:
+                    raise _Refuse(413, RequestError.TOO_LARGE)
+                body = True
+            elif name == "transfer-encoding":
+                body = True
+            elif name == "expect" and value.lower() == "100-continue":
                 expect = True
         if expect and not self._busy and not self._queue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._in_head = False
-        if not self._busy:
+        if body and not self._busy:  # no body due: the message completes at once
             self._arm(self.limits.body_timeout, self._body_expired)
 
     def on_body(self, body: bytes) -> None:
@@ -396,22 +399,22 @@ class Http1Protocol(asyncio.Protocol):
             self._arm(self.limits.idle_timeout, self._idle_expired)
 
     def _head(self, r: Response, request: Request, length: int | None, chunked: bool) -> bytes:
-        lines = [f"HTTP/1.1 {r.status} {_reason(r.status)}"]
+        head = f"HTTP/1.1 {r.status} {_REASONS.get(r.status, '')}\r\n"
         if r.content_type is not None:
-            lines.append(f"Content-Type: {r.content_type}")
+            head += f"Content-Type: {r.content_type}\r\n"
         if not _no_body(r.status):
             if length is not None:
-                lines.append(f"Content-Length: {length}")
+                head += f"Content-Length: {length}\r\n"
             elif chunked:
-                lines.append("Transfer-Encoding: chunked")
-        lines.append(f"{REQUEST_ID}: {request.request_id}")
+                head += "Transfer-Encoding: chunked\r\n"
+        head += f"{REQUEST_ID}: {request.request_id}\r\n"
         for name, value in r.headers:
             if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
                 raise ValueError(f"header {name!r}: a line break in a header")
-            lines.append(f"{name}: {value}")
+            head += f"{name}: {value}\r\n"
         if r.close or not request.keep_alive:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n").encode("latin-1") + r.header_block + b"\r\n"
+            head += "Connection: close\r\n"
+        return head.encode("latin-1") + r.header_block + b"\r\n"
 
     def _write(self, r: Response, request: Request) -> None:
         head = self._head(r, request, len(r.body), False)

@@ -44,6 +44,9 @@ class Settings:
     disable_waf: bool = False
 
 
+NO_SETTINGS = Settings()    # what a request no rule matches gets (immutable, shared)
+
+
 @dataclass(frozen=True)
 class PageRule:
     pattern: str
@@ -91,6 +94,8 @@ class PageRules:
                                      f"${max(used)} but the pattern has {stars} '*'")
 
     def match(self, host: str, path: str, query: str = "") -> Match:
+        if not self._compiled:
+            return Match(None, NO_SETTINGS)
         host = host.lower()
         for i, (h_rx, p_rx, with_query) in enumerate(self._compiled):
             hm = h_rx.match(host)
@@ -114,4 +119,4 @@ class PageRules:
                     url = f"{url}?{query}"
                 redirect = (settings.forwarding_url.status, url)
             return Match(i, settings, redirect)
-        return Match(None, Settings())
+        return Match(None, NO_SETTINGS)

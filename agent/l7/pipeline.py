@@ -93,8 +93,10 @@ class ZonePipeline:
             return Outcome(Response(301, b"", [("Location", f"https://{host}{target}")]),
                            settings)
 
-        headers = dict(request.headers)
         challenge = False
+        if not self.firewall.rules and not self.rate_limiter.rules:
+            return Outcome(None, settings, False, challenge, target, path, query)
+        headers = dict(request.headers)
         if self.firewall.rules:
             view = RequestView(src=client, method=request.method, host=host, path=path,
                                query=query, headers=headers,

@@ -598,8 +598,16 @@ def test_the_memo_of_clean_values_hides_no_attack_and_keeps_no_value() -> None:
     assert waf.inspect(*attack).blocked
     # The same argument name with a value seen clean, then an attacking one.
     assert waf.inspect("GET", "/p?q=" + q("<script>alert(1)</script>"), BROWSER, b"").blocked
+    # A whole request seen clean passes from the request memo; one byte
+    # more in the body is a new request, inspected afresh.
+    assert waf._clean_requests, "the clean request was not remembered"
+    assert not waf.inspect(*benign).blocked
+    assert waf.inspect("POST", "/products", BROWSER, b"q=1").score == 0
+    assert waf.inspect("POST", "/products", BROWSER, b"q=1' OR '1'='1").blocked
     # Only salted hashes are kept, never a value.
-    assert all(type(k) is int for k in waf._clean)
+    assert all(type(k) is int for k in (*waf._clean, *waf._clean_requests))
+    waf.forget()
+    assert not waf._clean and not waf._clean_requests
 
 
 def test_the_memo_is_bounded() -> None:
@@ -607,3 +615,4 @@ def test_the_memo_is_bounded() -> None:
     for i in range(waf_engine.CLEAN_MEMO + 100):
         waf.inspect("GET", f"/items?page={i}", (("host", "shop.example.com"),), b"")
     assert len(waf._clean) <= waf_engine.CLEAN_MEMO
+    assert len(waf._clean_requests) <= waf_engine.CLEAN_REQUESTS

@@ -83,6 +83,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # Dropped from a request whose answer is to be stored: they could make the
 # origin send a 304 or a 206 where the cache needs the whole 200.
 NOT_FORWARDED = frozenset({"if-none-match", "if-modified-since", "range", "if-range"})
+CONDITIONALS = frozenset({"if-none-match", "if-modified-since"})
+# What a lookup reads of a request: no-store, no-cache, max-age=0, Authorization.
+POLICY_REQUEST_HEADERS = frozenset({"cache-control", "pragma", "authorization"})
 
 Headers = Sequence[tuple[str, str]]
 
@@ -168,6 +171,11 @@ class _Verdict:
     expires_at: float = 0.0
 
 
+def _plain(headers: tuple[tuple[str, str], ...]) -> bool:
+    """None of the request headers a lookup must read is there."""
+    return all(name not in POLICY_REQUEST_HEADERS for name, _ in headers)
+
+
 def _host(host: str) -> str:
     """Lower-case name without port, brackets or trailing dot."""
     host = host.strip().lower()
@@ -205,14 +213,19 @@ class Cache:
                now: float | None = None) -> Lookup:
         now = time.time() if now is None else now
         method = method.upper()
-        headers = tuple(request_headers)
+        headers = request_headers if type(request_headers) is tuple else tuple(request_headers)
+        host = _host(host)
         level = page.cache_level or "standard"
         static = _extension(path) in zone_settings.extensions
+        # Most requests carry none of the headers the policy reads: then no
+        # Cache-Control or Pragma to parse, and no Authorization to heed.
+        plain = _plain(headers)
 
         def plan(action: Action, status: Status, entry: Entry | None = None,
                  storable: bool = False) -> Lookup:
-            return Lookup(action, status, entry, storable, zone, _host(host), path, query,
-                          method, static, any(n == "authorization" for n, _ in headers), now,
+            return Lookup(action, status, entry, storable, zone, host, path, query,
+                          method, static,
+                          not plain and any(n == "authorization" for n, _ in headers), now,
                           self._generation.get(zone, 0), zone_settings, page, headers)
 
         if method not in CACHED_METHODS:
@@ -222,13 +235,13 @@ class Cache:
         elif not static and level != "cache_everything":
             result = plan(Action.FETCH, Status.DYNAMIC)
         else:
-            no_store = policy.forbids_storing(headers)
+            no_store = not plain and policy.forbids_storing(headers)
             storable = method == "GET" and not no_store
-            entry = self._find((zone, _host(host), path, query), headers, now)
+            entry = self._find((zone, host, path, query), headers, now)
             if entry is None:
                 result = plan(Action.FETCH, Status.BYPASS if no_store else Status.MISS,
                               storable=storable)
-            elif entry.fresh(now) and not policy.wants_revalidation(headers):
+            elif entry.fresh(now) and (plain or not policy.wants_revalidation(headers)):
                 result = plan(Action.SERVE, Status.HIT, entry)
             elif no_store:
                 result = plan(Action.FETCH, Status.BYPASS)
@@ -327,6 +340,8 @@ class Cache:
 
     def not_modified_for_client(self, entry: Entry, request_headers: Headers) -> bool:
         """Does the client's own conditional get a 304 from this entry?"""
+        if not any(n in CONDITIONALS for n, _ in request_headers):
+            return False
         return policy.not_modified(entry.status, entry.etag, entry.last_modified,
                                    tuple(request_headers))
 

@@ -47,6 +47,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-\[\]]{1,64}$")
 _NAMED = ("args", "cookies", "headers", "files", "files_content")
 _CACHE_MAX = 4096                       # candidate sets kept per collection
 CLEAN_MEMO = 16384                      # hashes of values known to match nothing
+CLEAN_REQUESTS = 16384                  # hashes of whole requests that matched nothing
 _NONE: frozenset[str] = frozenset()
 Chain = tuple[str, ...]
 
@@ -296,6 +297,7 @@ class Waf:
         self._indexes = tuple(_Index.build(c, e) for c, e in per_collection.items())
         self._scores = {r.id: r.score for r in active}
         self._clean: dict[int, None] = {}
+        self._clean_requests: dict[int, None] = {}
 
     def _resolve(self, exc: WafException) -> set[str]:
         by_id = self.rules.by_id
@@ -304,6 +306,12 @@ class Waf:
             raise ValueError(f"unknown rule id(s): {', '.join(unknown)}")
         cats = set(exc.categories)
         return set(exc.rules) | {r.id for r in self.rules.rules if r.category in cats}
+
+    def forget(self) -> None:
+        """Empty the memos of clean values and requests (benchmarks: every
+        request unseen, as an attacker's are)."""
+        self._clean.clear()
+        self._clean_requests.clear()
 
     @property
     def rule_ids(self) -> tuple[str, ...]:
@@ -314,6 +322,14 @@ class Waf:
                 body: bytes) -> WafVerdict:
         """Score one request; headers have lower-case names, in order."""
         if not self.settings.enabled:
+            return PASS
+        # The verdict is a function of the request alone: one seen before
+        # that matched nothing (the same object fetched again and again)
+        # passes again. Remembered by a salted hash only, never by value.
+        if type(headers) is not tuple:
+            headers = tuple(headers)
+        key = hash((method, target, headers, body))
+        if key in self._clean_requests:
             return PASS
         inp = parse(method, target, headers, body)
         skip: set[str] = set()
@@ -332,6 +348,12 @@ class Waf:
             items = inp.values.get(index.collection)
             if items:
                 self._scan(index, items, skip, targeted, hits)
+        if not hits:
+            clean = self._clean_requests
+            if len(clean) >= CLEAN_REQUESTS:
+                del clean[next(iter(clean))]   # the oldest
+            clean[key] = None
+            return PASS
         score = sum(self._scores[rid] for rid in hits)
         return WafVerdict(score >= self.settings.threshold, score, tuple(hits.values()))
 
