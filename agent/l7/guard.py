@@ -77,7 +77,11 @@ class Guard:
                     self._exact[h] = z
         self._default = None if cfg.unknown_sni == REFUSE else cfg.zone(cfg.unknown_sni)
         self.servable: tuple[str, ...] = tuple(z.name for z in cfg.zones if self.local(z))
+        # Decisions are immutable: the serving ones are made once, not per connection.
         self._host_ok = {z.name: Decision(Action.SERVE, z.name, Reason.HOST) for z in cfg.zones}
+        self._served = {(z.name, r): Decision(Action.SERVE, z.name, r)
+                        for z in cfg.zones for r in (Reason.SNI, Reason.DEFAULT, Reason.ADDRESS)}
+        self._no_address_zone = Decision(Action.SERVE, None, Reason.ADDRESS)
 
     def local(self, zone: Zone) -> bool:
         """May this DC inspect `zone`? Global zones: yes; regional: only in region."""
@@ -93,17 +97,25 @@ class Guard:
             zone = self._wild.get(host.split(".", 1)[1])
         return zone
 
+    @property
+    def checks_addresses(self) -> bool:
+        """Can by_address refuse anything? Only when a zone has dedicated addresses."""
+        return bool(self._by_addr)
+
     def by_address(self, local_ip: str) -> Decision:
         """Accept-time check on the local address the client connected to.
 
-        Raises ValueError if `local_ip` is not an address (a caller bug).
+        Raises ValueError if `local_ip` is not an address (a caller bug) and
+        some zone has dedicated addresses to compare it with.
         """
+        if not self._by_addr:  # no zone has dedicated addresses: nothing to refuse
+            return self._no_address_zone
         zone = self._by_addr.get(normalise_ip(local_ip))
         if zone is None:
-            return Decision(Action.SERVE, None, Reason.ADDRESS)
+            return self._no_address_zone
         if not self.local(zone):
             return _refuse(Reason.REGION_ADDRESS, zone.name)
-        return Decision(Action.SERVE, zone.name, Reason.ADDRESS)
+        return self._served[zone.name, Reason.ADDRESS]
 
     def by_sni(self, sni: str | None) -> Decision:
         """ClientHello-time check: which zone's certificate, or refuse."""
@@ -117,7 +129,7 @@ class Guard:
             # Also when the default zone is a foreign regional one: the same
             # config goes to every DC, so only the guard can say no here.
             return _refuse(Reason.REGION_SNI, zone.name)
-        return Decision(Action.SERVE, zone.name, reason)
+        return self._served[zone.name, reason]
 
     def by_host(self, host: str | None, tls_zone: str) -> Decision:
         """Request-time check: the Host header must resolve to the TLS zone.

@@ -165,9 +165,46 @@ class Http1Protocol(asyncio.Protocol):
     `done` resolves when the connection is gone.
     """
 
+    # No instance dict: every attribute read and write of a request is cheaper.
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_broken",
+        "_busy",
+        "_closed",
+        "_deadline",
+        "_drained",
+        "_early",
+        "_eof",
+        "_expire",
+        "_first",
+        "_head_size",
+        "_headers",
+        "_host",
+        "_in_head",
+        "_in_message",
+        "_parser",
+        "_queue",
+        "_reading_paused",
+        "_task",
+        "_timer",
+        "_tls",
+        "_url",
+        "_write_paused",
+        "counters",
+        "done",
+        "handler",
+        "limits",
+        "loop",
+        "registry",
+        "transport",
+    )
+
     def __init__(self, limits: Limits, counters: Counters,
-                 handler: Handler | None = None) -> None:
+                 handler: Handler | None = None,
+                 registry: set[Http1Protocol] | None = None) -> None:
         self.limits, self.counters = limits, counters
+        self.registry = registry              # holds the protocol while connected
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.handler: Handler | None = handler
@@ -202,6 +239,8 @@ class Http1Protocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.registry is not None:
+            self.registry.add(self)
         self._tls = transport.get_extra_info("ssl_object") is not None
         self._arm(self.limits.idle_timeout, self._idle_expired)
 
@@ -255,6 +294,8 @@ class Http1Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        if self.registry is not None:
+            self.registry.discard(self)
         self._drop_timer()  # a connection gone holds no handle in the loop
         if self._task is not None and not self._task.done():
             self._task.cancel()
@@ -262,6 +303,11 @@ class Http1Protocol(asyncio.Protocol):
             self._drained.set_exception(ConnectionResetError("connection lost"))
         if not self.done.done():
             self.done.set_result(None)
+
+    def abort(self) -> None:
+        """Drop the connection at once (the server is stopping)."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def pause_writing(self) -> None:
         self._write_paused = True

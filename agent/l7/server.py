@@ -76,6 +76,7 @@ LISTEN_BACKLOG = 1024
 SHUTDOWN_TIMEOUT = 5.0        # TLS close_notify exchange and final writes
 STATUS_TIMEOUT = 2.0
 ACCEPT_BACKOFF = 0.1          # after EMFILE and friends, instead of spinning
+ACCEPT_BATCH = 64             # connections accepted per wake-up of a listener
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secret AEAD only
 # Keys readable by group or others are refused, as ssh does for its keys.
 KEY_MODE_FORBIDDEN = 0o077
@@ -291,8 +292,9 @@ class L7Server:
         self._front.sni_callback = self._on_sni
         self._listeners: list[socket.socket] = []
         self._plain: list[socket.socket] = []   # plain HTTP (cfg.plain_port)
-        self._accept_tasks: list[asyncio.Task[None]] = []
-        self._connections: set[asyncio.Task[None]] = set()
+        self._accepting: list[socket.socket] = []   # listeners with a reader in the loop
+        self._connections: set[asyncio.Task[None]] = set()   # accepted, not yet open
+        self._open: set[Http1Protocol] = set()                 # open connections
         self._status: asyncio.AbstractServer | None = None
         self._status_path = Path(cfg.status_socket) if cfg.status_socket else None
 
@@ -335,9 +337,9 @@ class L7Server:
         except BaseException:
             await self.stop()
             raise
-        self._accept_tasks = [asyncio.create_task(self._accept(s, plain))
-                              for plain, group in ((False, self._listeners), (True, self._plain))
-                              for s in group]
+        for plain, group in ((False, self._listeners), (True, self._plain)):
+            for sock in group:
+                self._listen(sock, plain)
         # What start-up built (rules, tables, certificates) lives as long as
         # the server: out of the collector's way, it is not rescanned at every
         # collection that requests' short-lived objects trigger.
@@ -348,16 +350,20 @@ class L7Server:
 
     async def stop(self) -> None:
         """Stop accepting, end open connections, remove the status socket."""
-        for task in self._accept_tasks:
-            task.cancel()
-        await asyncio.gather(*self._accept_tasks, return_exceptions=True)
-        self._accept_tasks = []
+        loop = asyncio.get_running_loop()
+        for sock in self._accepting:
+            loop.remove_reader(sock)
+        self._accepting = []
         for sock in (*self._listeners, *self._plain):
             sock.close()
         self._listeners, self._plain = [], []
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        open_ = list(self._open)
+        for protocol in open_:
+            protocol.abort()  # the server is stopping: no goodbye
+        await asyncio.gather(*(p.done for p in open_), return_exceptions=True)
         for proxy in self._proxies.values():
             await proxy.close()
         if self._own_cache and self.cache is not None:
@@ -371,15 +377,30 @@ class L7Server:
             with contextlib.suppress(FileNotFoundError):
                 self._status_path.unlink()
 
-    async def _accept(self, listener: socket.socket, plain: bool) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _listen(self, listener: socket.socket, plain: bool) -> None:
+        if listener.fileno() < 0:  # closed by stop() while backing off
+            return
+        listener.setblocking(False)
+        asyncio.get_running_loop().add_reader(listener, self._accept, listener, plain)
+        self._accepting.append(listener)
+
+    def _accept(self, listener: socket.socket, plain: bool) -> None:
+        """The listener is readable: accept what is queued, up to a batch.
+
+        One reader stays registered for the listener's life (an awaited
+        sock_accept would add and remove it for every connection)."""
+        for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = await loop.sock_accept(listener)
-            except OSError as e:
+                conn, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
                 log.warning("accept failed: %s", e.strerror)
-                await asyncio.sleep(ACCEPT_BACKOFF)
-                continue
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener)
+                self._accepting.remove(listener)
+                loop.call_later(ACCEPT_BACKOFF, self._listen, listener, plain)
+                return
             # The client's address goes to the rules (firewall, rate limits)
             # and stays in memory; it is never logged.
             task = asyncio.create_task(self._connection(conn, plain, _socket_ip(peer[0])))
@@ -411,33 +432,27 @@ class L7Server:
     async def _connection(self, conn: socket.socket, plain: bool = False,
                           client: str = "") -> None:
         self.counters.accepted()
-        try:
-            local = _socket_ip(conn.getsockname()[0])
-        except (OSError, ValueError):  # reset before we looked: nothing to serve
-            self.counters.refused(Refusal.HANDSHAKE_ERROR)
-            _reset(conn)
-            return
-        if not self.guard.by_address(local).serve:
-            self.counters.refused(Refusal.REGION_ADDRESS)
-            _reset(conn)
-            return
-        opened = await (self._plain_http(conn, client) if plain
-                        else self._handshake(conn, client))
-        if opened is None:
-            return
-        transport, protocol = opened
-        try:
-            await protocol.done  # the protocol answers requests until the connection ends
-        except asyncio.CancelledError:
-            transport.abort()  # the server is stopping: no goodbye
-            raise
+        if self.guard.checks_addresses:
+            try:
+                local = _socket_ip(conn.getsockname()[0])
+            except (OSError, ValueError):  # reset before we looked: nothing to serve
+                self.counters.refused(Refusal.HANDSHAKE_ERROR)
+                _reset(conn)
+                return
+            if not self.guard.by_address(local).serve:
+                self.counters.refused(Refusal.REGION_ADDRESS)
+                _reset(conn)
+                return
+        # Once open, the protocol answers requests until the connection ends;
+        # this task ends here (self._open holds the connection till then).
+        await (self._plain_http(conn, client) if plain else self._handshake(conn, client))
 
     async def _handshake(self, conn: socket.socket, client: str
                          ) -> tuple[asyncio.BaseTransport, Http1Protocol] | None:
         """TLS on the accepted socket; the SNI callback has picked the zone."""
         loop = asyncio.get_running_loop()
         timeout = self.cfg.handshake_timeout
-        protocol = Http1Protocol(self.limits, self.counters)
+        protocol = Http1Protocol(self.limits, self.counters, registry=self._open)
         try:
             # ssl_handshake_timeout bounds the handshake (no wait_for: it
             # would cost a task per connection).
@@ -468,7 +483,7 @@ class L7Server:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
         loop = asyncio.get_running_loop()
-        protocol = Http1Protocol(self.limits, self.counters)
+        protocol = Http1Protocol(self.limits, self.counters, registry=self._open)
         try:
             transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
         except OSError:
