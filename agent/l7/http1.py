@@ -57,6 +57,10 @@ class Limits:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
 
+    @property
+    def shortest(self) -> float:
+        return min(self.head_timeout, self.body_timeout, self.idle_timeout)
+
 
 @dataclass(slots=True)  # not frozen: one per request, and frozen ones cost more to build
 class Request:
@@ -543,16 +547,20 @@ class Http1Protocol(asyncio.Protocol):
     # One timer handle per connection, moved by deadline: arming, cancelling
     # and re-arming it for every request (idle, head, body, busy) would make
     # and drop several handles per request. A pending handle that fires
-    # before the current deadline just re-arms itself for what is left.
+    # before the current deadline just re-arms itself for what is left. It
+    # is never set further ahead than the shortest limit, so a later, shorter
+    # deadline (a request's head after an idle wait) never has to replace it.
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        deadline = self.loop.time() + delay
+        now = self.loop.time()
+        deadline = now + delay
         self._deadline, self._expire = deadline, callback
         if self._timer is not None and self._timer.when() > deadline:
-            self._timer.cancel()    # fires too late for the new deadline
+            self._timer.cancel()    # fires too late for the new deadline (delay < shortest)
             self._timer = None
         if self._timer is None:
-            self._timer = self.loop.call_at(deadline, self._tick)
+            self._timer = self.loop.call_at(min(deadline, now + self.limits.shortest),
+                                            self._tick)
 
     def _cancel_timer(self) -> None:
         self._expire = None         # the handle may still fire: it finds nothing to do
@@ -568,8 +576,10 @@ class Http1Protocol(asyncio.Protocol):
         expire = self._expire
         if expire is None or self._closed:
             return
-        if self.loop.time() < self._deadline:
-            self._timer = self.loop.call_at(self._deadline, self._tick)
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer = self.loop.call_at(min(self._deadline, now + self.limits.shortest),
+                                            self._tick)
             return
         self._expire = None
         expire()
