@@ -41,6 +41,7 @@ The daemon runs it beside its own loop with `run_in_thread(cfg)`; the handle's
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import asyncio
 import contextlib
@@ -238,6 +239,16 @@ def _unix_listener(path: Path) -> socket.socket:
         raise ServeError(f"{path}: cannot create the status socket ({e.strerror})") from None
 
 
+class _AcceptedSocket(socket.socket):
+    """An accepted connection whose family and type read as plain ints:
+    uvloop reads both for every connection it is handed, and socket.socket
+    makes an enum of each read (a few µs a connection)."""
+
+    __slots__ = ()
+    family = _socket.socket.family  # type: ignore[assignment]
+    type = _socket.socket.type      # type: ignore[assignment]
+
+
 def _socket_ip(text: str) -> str:
     """normalise_ip for what a socket reports: its IPv4 text is canonical
     already (the common case, no parsing); IPv6 and mapped forms are parsed."""
@@ -389,9 +400,10 @@ class L7Server:
 
         One reader stays registered for the listener's life (an awaited
         sock_accept would add and remove it for every connection)."""
+        family, kind = listener.family.value, listener.type.value
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, peer = listener.accept()
+                fd, peer = listener._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:  # EMFILE and friends: back off instead of spinning
@@ -401,6 +413,7 @@ class L7Server:
                 self._accepting.remove(listener)
                 loop.call_later(ACCEPT_BACKOFF, self._listen, listener, plain)
                 return
+            conn = _AcceptedSocket(family, kind, 0, fd)
             # The client's address goes to the rules (firewall, rate limits)
             # and stays in memory; it is never logged.
             task = asyncio.create_task(self._connection(conn, plain, _socket_ip(peer[0])))
