@@ -186,11 +186,12 @@ class ZoneProxy:
     def _from_cache(self, request: Request, lookup: Lookup) -> Response:
         self.counters.served(self.zone.name)
         entry = lookup.entry
-        if self.cache.not_modified_for_client(entry, request.headers):
+        if self.cache.not_modified_for_client(entry, request.headers, lookup.plain):
             headers = entry.response_headers(not_modified=True)
             headers.append((CACHE_STATUS_HEADER, lookup.status))
             return Response(304, b"", headers, content_type=None)
-        headers = [("age", str(entry.age(time.time()))), (CACHE_STATUS_HEADER, lookup.status)]
+        headers = [("age", str(entry.age(lookup.requested_at))),
+                   (CACHE_STATUS_HEADER, lookup.status)]
         return Response(entry.status, entry.body, headers, content_type=None,
                         header_block=entry.header_block())
 

@@ -84,8 +84,9 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 # origin send a 304 or a 206 where the cache needs the whole 200.
 NOT_FORWARDED = frozenset({"if-none-match", "if-modified-since", "range", "if-range"})
 CONDITIONALS = frozenset({"if-none-match", "if-modified-since"})
-# What a lookup reads of a request: no-store, no-cache, max-age=0, Authorization.
-POLICY_REQUEST_HEADERS = frozenset({"cache-control", "pragma", "authorization"})
+# What the cache reads of a request: no-store, no-cache, max-age=0,
+# Authorization, and the client's own conditionals.
+POLICY_REQUEST_HEADERS = frozenset({"cache-control", "pragma", "authorization", *CONDITIONALS})
 
 Headers = Sequence[tuple[str, str]]
 
@@ -126,6 +127,7 @@ class Lookup:
     zone_settings: CacheZoneSettings = field(repr=False)
     page: Settings = field(repr=False)
     request_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    plain: bool = False          # the request has none of POLICY_REQUEST_HEADERS
 
     @property
     def fresh(self) -> bool:
@@ -220,39 +222,36 @@ class Cache:
         # Most requests carry none of the headers the policy reads: then no
         # Cache-Control or Pragma to parse, and no Authorization to heed.
         plain = _plain(headers)
-
-        def plan(action: Action, status: Status, entry: Entry | None = None,
-                 storable: bool = False) -> Lookup:
-            return Lookup(action, status, entry, storable, zone, host, path, query,
-                          method, static,
-                          not plain and any(n == "authorization" for n, _ in headers), now,
-                          self._generation.get(zone, 0), zone_settings, page, headers)
-
+        entry: Entry | None = None
+        storable = False
         if method not in CACHED_METHODS:
-            result = plan(Action.FETCH, Status.DYNAMIC)
+            action, status = Action.FETCH, Status.DYNAMIC
         elif not zone_settings.enabled or level == "bypass":
-            result = plan(Action.FETCH, Status.BYPASS)
+            action, status = Action.FETCH, Status.BYPASS
         elif not static and level != "cache_everything":
-            result = plan(Action.FETCH, Status.DYNAMIC)
+            action, status = Action.FETCH, Status.DYNAMIC
         else:
             no_store = not plain and policy.forbids_storing(headers)
-            storable = method == "GET" and not no_store
-            entry = self._find((zone, host, path, query), headers, now)
-            if entry is None:
-                result = plan(Action.FETCH, Status.BYPASS if no_store else Status.MISS,
-                              storable=storable)
-            elif entry.fresh(now) and (plain or not policy.wants_revalidation(headers)):
-                result = plan(Action.SERVE, Status.HIT, entry)
+            found = self._find((zone, host, path, query), headers, now)
+            action, status = Action.FETCH, Status.MISS
+            if found is None:
+                storable = method == "GET" and not no_store
+                if no_store:
+                    status = Status.BYPASS
+            elif found.fresh(now) and (plain or not policy.wants_revalidation(headers)):
+                action, status, entry = Action.SERVE, Status.HIT, found
             elif no_store:
-                result = plan(Action.FETCH, Status.BYPASS)
+                status = Status.BYPASS
             else:
-                status = Status.MISS if entry.fresh(now) else Status.EXPIRED
-                if entry.etag is not None or entry.last_modified is not None:
-                    result = plan(Action.REVALIDATE, status, entry, storable)
-                else:
-                    result = plan(Action.FETCH, status, storable=storable)
-        self._status[result.status] += 1
-        return result
+                storable = method == "GET"
+                if not found.fresh(now):
+                    status = Status.EXPIRED
+                if found.etag is not None or found.last_modified is not None:
+                    action, entry = Action.REVALIDATE, found
+        self._status[status] += 1
+        return Lookup(action, status, entry, storable, zone, host, path, query, method, static,
+                      not plain and any(n == "authorization" for n, _ in headers), now,
+                      self._generation.get(zone, 0), zone_settings, page, headers, plain)
 
     def lookup_entry(self, lookup: Lookup, entry: Entry) -> Lookup:
         """The plan to answer from an entry revalidated() returned."""
@@ -338,9 +337,11 @@ class Cache:
             self._insert(entry, now)
         return entry
 
-    def not_modified_for_client(self, entry: Entry, request_headers: Headers) -> bool:
-        """Does the client's own conditional get a 304 from this entry?"""
-        if not any(n in CONDITIONALS for n, _ in request_headers):
+    def not_modified_for_client(self, entry: Entry, request_headers: Headers,
+                                plain: bool = False) -> bool:
+        """Does the client's own conditional get a 304 from this entry?
+        `plain`: the lookup found no conditional (Lookup.plain) to read."""
+        if plain or not any(n in CONDITIONALS for n, _ in request_headers):
             return False
         return policy.not_modified(entry.status, entry.etag, entry.last_modified,
                                    tuple(request_headers))
@@ -437,7 +438,7 @@ class Cache:
         names = self._vary.get(primary)
         if names is None:
             return None
-        key = CacheKey(*primary, policy.vary_values(names, headers))
+        key = CacheKey(*primary, policy.vary_values(names, headers) if names else ())
         entry = self._mem.get(key)
         if entry is not None:
             self._mem.move_to_end(key)
