@@ -182,6 +182,7 @@ class Http1Protocol(asyncio.Protocol):
         "_eof",
         "_expire",
         "_first",
+        "_head_armed",
         "_head_size",
         "_headers",
         "_host",
@@ -237,6 +238,7 @@ class Http1Protocol(asyncio.Protocol):
         self._body: list[bytes] = []
         self._body_size = 0
         self._in_head = False
+        self._head_armed = False             # the head's timer runs (set once per head)
         self._in_message = False
 
     # -- asyncio.Protocol ------------------------------------------------------------
@@ -278,6 +280,11 @@ class Http1Protocol(asyncio.Protocol):
                 self._refused(_Refuse(400, RequestError.MALFORMED))
         except httptools.HttpParserError:
             self._refused(_Refuse(400, RequestError.MALFORMED))
+        # A head cut across reads has head_timeout from its first byte. Armed
+        # here, not at its first byte: most heads arrive whole in one read.
+        if self._in_head and not self._head_armed and not self._busy and not self._broken:
+            self._head_armed = True
+            self._arm(self.limits.head_timeout, self._head_expired)
         self._next()
 
     def _refused(self, refusal: _Refuse) -> None:
@@ -327,8 +334,7 @@ class Http1Protocol(asyncio.Protocol):
         self._url, self._headers, self._head_size = b"", [], 0
         self._body, self._body_size = [], 0
         self._in_head = self._in_message = True
-        if not self._busy:
-            self._arm(self.limits.head_timeout, self._head_expired)
+        self._head_armed = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -438,10 +444,12 @@ class Http1Protocol(asyncio.Protocol):
         if response.close or not request.keep_alive or (self._eof and not self._queue):
             self._close()
             return
-        self._resume_reading()
+        if self._reading_paused:
+            self._resume_reading()
         if self._queue:
             self._next()
         elif self._in_head:
+            self._head_armed = True
             self._arm(self.limits.head_timeout, self._head_expired)
         elif self._in_message:
             self._arm(self.limits.body_timeout, self._body_expired)
