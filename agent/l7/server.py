@@ -48,6 +48,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -182,11 +183,15 @@ def load_zone_contexts(certs: Path, zones: Iterable[str],
 # --------------------------------------------------------------------------- sockets
 
 
-def _listener(address: str, port: int) -> socket.socket:
+def _listener(address: str, port: int, defer: int) -> socket.socket:
     """A listening TCP socket; IPv6 ones are v6-only so :: and 0.0.0.0 coexist.
 
     A wildcard bind accepts connections to every address the host owns,
     including those only covered by a local route (anycast prefixes on lo).
+    TCP_DEFER_ACCEPT: the kernel hands over a connection once its client
+    has spoken (HTTP and TLS clients speak first), or after `defer` seconds:
+    a silent connection costs the server nothing, and a new one costs one
+    event loop wake-up instead of two (about 5% of a TLS connection's CPU).
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -195,6 +200,7 @@ def _listener(address: str, port: int) -> socket.socket:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((address, port))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as e:
@@ -332,10 +338,11 @@ class L7Server:
                     raise ServeError(f"cache_store.disk_dir: {e}") from None
             for proxy in self._proxies.values():
                 proxy.cache = self.cache
+            defer = math.ceil(self.cfg.handshake_timeout)
             for address in self.cfg.listen:
-                self._listeners.append(_listener(address, self.cfg.port))
+                self._listeners.append(_listener(address, self.cfg.port, defer))
                 if self.cfg.plain_port is not None:
-                    self._plain.append(_listener(address, self.cfg.plain_port))
+                    self._plain.append(_listener(address, self.cfg.plain_port, defer))
             if self._status_path is not None:
                 status_sock = _unix_listener(self._status_path)
                 try:

@@ -125,10 +125,12 @@ def handshake_fails(address: str, port: int, ctx: ssl.SSLContext, sni: str | Non
 
 
 def received_before_close(address: str, port: int) -> bytes:
-    """Connect without sending anything; what the server sends before closing."""
+    """Connect and send the first byte of a TLS record (the listener defers
+    a connection until its client speaks); what the server sends before closing."""
     data = b""
     with contextlib.suppress(ConnectionResetError), \
             socket.create_connection((address, port), timeout=TIMEOUT) as raw:
+        raw.sendall(b"\x16")
         while chunk := raw.recv(1024):
             data += chunk
     return data
@@ -496,12 +498,14 @@ def test_module_entry_serves_until_sigterm(tmp_path, pki) -> None:
                 proc.wait(TIMEOUT)
 
 def test_stop_ends_open_connections_promptly(tmp_path, pki) -> None:
-    """A client stuck before TLS and one stuck after it do not hold stop() up."""
+    """A client stuck in the TLS handshake and one stuck after it do not hold
+    stop() up. (One that never speaks is not even accepted: TCP_DEFER_ACCEPT.)"""
     h = run_in_thread(parse_serve_config(_config(tmp_path, pki)))
     port = _port(h, "127.0.0.1")
     with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as silent, \
             socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
             _client_context(pki).wrap_socket(raw, server_hostname="www.example.com") as idle:
+        silent.sendall(b"\x16")  # the first byte of a TLS record, and no more
         eventually(lambda: h.counters.snapshot()["connections_accepted"] == 2)
         t0 = time.monotonic()
         assert h.stop(TIMEOUT)
