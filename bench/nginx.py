@@ -80,6 +80,7 @@ class NginxConfig:
     resumption: bool = True
     address: str = "127.0.0.1"
     error_log_level: str = "warn"  # "crit" keeps ModSecurity's per-block lines out
+    deferred: bool = False        # `listen ... deferred` (TCP_DEFER_ACCEPT), as the agent does
 
 
 def tool_env() -> dict[str, str]:
@@ -217,7 +218,7 @@ http {{
     uwsgi_temp_path {prefix}/tmp/uwsgi;
     scgi_temp_path {prefix}/tmp/scgi;{upstream}
     server {{
-        listen {listen}{" ssl" if cfg.tls else ""};
+        listen {listen}{" ssl" if cfg.tls else ""}{" deferred" if cfg.deferred else ""};
         server_name {cfg.hostname};{tls}{_locations(cfg, prefix)}
     }}
 }}

@@ -26,7 +26,7 @@ from agent.l7.firewall import Firewall, RequestView, Rule
 from agent.l7.geo import CountryTable
 from agent.l7.guard import host_name
 from agent.l7.http1 import Request, Response
-from agent.l7.pagerules import Forward, PageRule, PageRules, Settings
+from agent.l7.pagerules import NO_SETTINGS, Forward, PageRule, PageRules, Settings
 from agent.l7.ratelimit import RateLimiter, RateRule
 
 FW_ACTIONS = {"block": RuleAction.FW_BLOCK, "challenge": RuleAction.FW_CHALLENGE,
@@ -71,17 +71,22 @@ class ZonePipeline:
         self.rate_limiter = RateLimiter([
             RateRule(r.name, r.requests, r.period, r.block, r.key, r.header, r.path_prefix)
             for r in zone.rate_limits])
+        # A zone without page rules, firewall rules and rate limits (a cache
+        # in front of a site) has nothing to decide here.
+        self.no_rules = not (zone.page_rules or zone.firewall or zone.rate_limits)
 
     def run(self, request: Request, client: str, tls: bool,
             now: float | None = None) -> Outcome:
-        now = time.monotonic() if now is None else now
-        host = host_name(request.host) or ""
         # An absolute-form target (already checked to name the Host) counts
         # by its path, like an origin-form one.
         target = request.target
         if "://" in target:
             target = "/" + target.split("://", 1)[1].partition("/")[2]
         path, _, query = target.partition("?")
+        if self.no_rules:
+            return Outcome(None, NO_SETTINGS, False, False, target, path, query)
+        now = time.monotonic() if now is None else now
+        host = host_name(request.host) or ""
         match = self.page_rules.match(host, path, query)
         settings = match.settings
         if match.redirect is not None:
