@@ -192,8 +192,8 @@ def _host(host: str) -> str:
 
 
 def _extension(path: str) -> str:
-    name = path.rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[1].lower() if "." in name else ""
+    name = path.rpartition("/")[2]
+    return name.rpartition(".")[2].lower() if "." in name else ""
 
 
 class Cache:
@@ -441,11 +441,14 @@ class Cache:
         names = self._vary.get(primary)
         if names is None:
             return None
-        key = CacheKey(*primary, policy.vary_values(names, headers) if names else ())
-        entry = self._mem.get(key)
+        vary = policy.vary_values(names, headers) if names else ()
+        # A plain tuple finds a CacheKey (a NamedTuple: same hash, equal),
+        # without building one on every hit.
+        entry = self._mem.get((*primary, vary))
         if entry is not None:
-            self._mem.move_to_end(key)
+            self._mem.move_to_end(entry.key)
             return entry
+        key = CacheKey(*primary, vary)
         raw = key.encode()
         if self._disk is None or raw not in self._disk:
             return None
