@@ -352,23 +352,28 @@ class Http1Protocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         # RFC 9112 3.2: an HTTP/1.1 request has exactly one Host; a server
         # must refuse one with none or several (they would split the zone check).
-        hosts = [v for n, v in self._headers if n == "host"]
-        if len(hosts) > 1 or (not hosts and self._parser.get_http_version() == "1.1"):
-            raise _Refuse(400, RequestError.MALFORMED)
-        self._host = hosts[0] if hosts else None
         # A declared length over the limit is refused before any body byte
         # is read; a client that waits for "100 Continue" is told to go on
         # (curl waits a second for it before sending a body over 1 KB).
-        expect = body = False
-        for name, value in self._headers:
-            if name == "content-length":
-                if value.isdigit() and int(value) > self.limits.body_bytes:
-                    raise _Refuse(413, RequestError.TOO_LARGE)
+        host: str | None = None
+        hosts = 0
+        expect = body = too_large = False
+        for name, value in self._headers:  # one pass: this runs for every request
+            if name == "host":
+                host = value
+                hosts += 1
+            elif name == "content-length":
+                too_large = too_large or (value.isdigit() and int(value) > self.limits.body_bytes)
                 body = True
             elif name == "transfer-encoding":
                 body = True
             elif name == "expect" and value.lower() == "100-continue":
                 expect = True
+        if hosts > 1 or (not hosts and self._parser.get_http_version() == "1.1"):
+            raise _Refuse(400, RequestError.MALFORMED)
+        if too_large:
+            raise _Refuse(413, RequestError.TOO_LARGE)
+        self._host = host
         if expect and not self._busy and not self._queue and self.transport is not None:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._in_head = False
@@ -405,7 +410,7 @@ class Http1Protocol(asyncio.Protocol):
                 self._refuse(item)
                 return
             self._busy = True
-            self._cancel_timer()
+            self._expire = None      # _cancel_timer(), inline: once per request
             try:
                 answer = self.handler(item)  # type: ignore[misc]
             except Exception as e:
