@@ -410,7 +410,7 @@ class Http1Protocol(asyncio.Protocol):
                 self._refuse(item)
                 return
             self._busy = True
-            self._expire = None      # _cancel_timer(), inline: once per request
+            self._expire = None      # no timeout while answering (the handle may still fire)
             try:
                 answer = self.handler(item)  # type: ignore[misc]
             except Exception as e:
@@ -574,9 +574,6 @@ class Http1Protocol(asyncio.Protocol):
         if self._timer is None:
             self._timer = self.loop.call_at(min(deadline, now + self.limits.shortest),
                                             self._tick)
-
-    def _cancel_timer(self) -> None:
-        self._expire = None         # the handle may still fire: it finds nothing to do
 
     def _drop_timer(self) -> None:
         self._expire = None
