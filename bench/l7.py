@@ -1,13 +1,16 @@
 """`make bench-l7`: the L7 front end's CPU per request against nginx, same run.
 
-Three servers on loopback, each one process (nginx: one worker), the same
-ECDSA P-256 certificate, the same origin (bench/origin.py) behind them:
+Servers on loopback, each one process (nginx: one worker), the same ECDSA
+P-256 certificate, the same origin (bench/origin.py) behind them:
 
   agent         python -m agent.l7.server, the zone with origin, cache, WAF
                 (paranoia 1, threshold 5) and bot checks off (wrk is no browser)
   nginx_cache   nginx as a TLS reverse proxy with proxy_cache (bench/nginx.py)
   nginx_modsec  the same plus ModSecurity v3 and the OWASP CRS 3.3 at paranoia
                 level 1, blocking (anomaly thresholds 5/4)
+  nginx_deferred  nginx_cache listening with `deferred` (TCP_DEFER_ACCEPT), as
+                the agent's listeners do; handshake runs only, reported beside
+                the bar's figure (Mozilla's configuration does not set it)
 
   keep-alive  wrk, 16 connections, GET /static/1k.css (a cached 1 KB object)
   handshake   wrk with `Connection: close`: a new TLS connection per request,
@@ -652,13 +655,13 @@ def probe(srv: dict[str, Server], ca: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one short round of each (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per test (default 3)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per test (default 5)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per wrk run (default 5)")
     p.add_argument("--skip-waf-bench", action="store_true", help="do not run bench.waf")
     p.add_argument("--agent-root", type=Path, default=ROOT,
                    help="run the agent from this source tree (default: this one)")
     a = p.parse_args(argv)
-    rounds = a.rounds or (1 if a.quick else 3)
+    rounds = a.rounds or (1 if a.quick else 5)
     seconds = a.seconds or (2.0 if a.quick else 5.0)
     for tool in ("wrk", "nginx", "openssl"):
         if shutil.which(tool) is None:
