@@ -214,7 +214,7 @@ class Http1Protocol(asyncio.Protocol):
         self.done: asyncio.Future[None] = self.loop.create_future()
         self.handler: Handler | None = handler
         self.transport: asyncio.Transport | None = None
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self._early: list[bytes] = []
         self._queue: deque[Request | _Refuse] = deque()
         self._busy = False                   # a response is being produced or written
@@ -263,7 +263,7 @@ class Http1Protocol(asyncio.Protocol):
         if self._closed or self._broken:
             return
         try:
-            self._parser.feed_data(data)
+            self._parser.feed_data(data)  # type: ignore[union-attr]  # None once closed
         except httptools.HttpParserCallbackError as e:
             cause = e.__context__
             self._refused(cause if isinstance(cause, _Refuse)
@@ -305,6 +305,10 @@ class Http1Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        # The parser holds this protocol's callbacks: a reference cycle. Cut,
+        # the connection's objects go when their last reference does, not at
+        # the collector's next pass (nothing parses after this: _closed).
+        self._parser = None
         if self.registry is not None:
             self.registry.discard(self)
         self._drop_timer()  # a connection gone holds no handle in the loop
@@ -369,7 +373,9 @@ class Http1Protocol(asyncio.Protocol):
                 body = True
             elif name == "expect" and value.lower() == "100-continue":
                 expect = True
-        if hosts > 1 or (not hosts and self._parser.get_http_version() == "1.1"):
+        p = self._parser
+        assert p is not None  # parser callbacks run inside feed_data, before any close
+        if hosts > 1 or (not hosts and p.get_http_version() == "1.1"):
             raise _Refuse(400, RequestError.MALFORMED)
         if too_large:
             raise _Refuse(413, RequestError.TOO_LARGE)
@@ -390,6 +396,7 @@ class Http1Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         p = self._parser
+        assert p is not None
         self._queue.append(Request(
             p.get_method().decode("ascii"), self._url.decode("latin-1"), self._host,
             tuple(self._headers),

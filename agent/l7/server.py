@@ -5,7 +5,9 @@
 
 Per connection, each step learns only what the guard has allowed so far:
 
-  1 accept      raw TCP; nothing is read. The local address the client dialled
+  1 accept      raw TCP; nothing is read. The listener defers a connection
+                until its client has spoken (TCP_DEFER_ACCEPT: the kernel
+                holds the ClientHello). The local address the client dialled
                 goes to Guard.by_address: a foreign region's dedicated IP is
                 closed at once (RST), not one TLS byte sent or read.
   2 TLS         the ClientHello's SNI goes to Guard.by_sni inside OpenSSL's

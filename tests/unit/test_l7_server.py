@@ -8,6 +8,7 @@ as a failure, never as a hung test run.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import queue
@@ -496,6 +497,32 @@ def test_module_entry_serves_until_sigterm(tmp_path, pki) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(TIMEOUT)
+
+def test_a_closed_connection_leaves_nothing_for_the_garbage_collector(tmp_path, pki) -> None:
+    """A connection's objects (protocol, parser, TLS state with its buffers)
+    go when it closes, by reference counting: a cycle among them would keep
+    them all, the 256 KiB TLS read buffer included, until a collection."""
+    with serving(tmp_path, pki) as h:
+        port = _port(h, "127.0.0.1")
+        tls_request("127.0.0.1", port, _client_context(pki), "www.example.com")  # warm up
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                _, status, _, _ = tls_request("127.0.0.1", port, _client_context(pki),
+                                              "www.example.com")
+                assert status == 200
+            eventually(lambda: not h.server._open)  # every connection has been lost
+            gc.collect()
+            kept = {type(o).__name__ for o in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert not kept & {"Http1Protocol", "HttpRequestParser", "SSLProtocol", "SSLObject"}, \
+            f"cyclic garbage per connection: {sorted(kept)}"
+
 
 def test_stop_ends_open_connections_promptly(tmp_path, pki) -> None:
     """A client stuck in the TLS handshake and one stuck after it do not hold
