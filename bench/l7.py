@@ -655,13 +655,13 @@ def probe(srv: dict[str, Server], ca: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one short round of each (a smoke run)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds per test (default 5)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds per test (default 7)")
     p.add_argument("--seconds", type=float, default=None, help="seconds per wrk run (default 5)")
     p.add_argument("--skip-waf-bench", action="store_true", help="do not run bench.waf")
     p.add_argument("--agent-root", type=Path, default=ROOT,
                    help="run the agent from this source tree (default: this one)")
     a = p.parse_args(argv)
-    rounds = a.rounds or (1 if a.quick else 5)
+    rounds = a.rounds or (1 if a.quick else 7)
     seconds = a.seconds or (2.0 if a.quick else 5.0)
     for tool in ("wrk", "nginx", "openssl"):
         if shutil.which(tool) is None:
