@@ -469,8 +469,7 @@ class L7Server:
         # this task ends here (self._open holds the connection till then).
         await (self._plain_http(conn, client) if plain else self._handshake(conn, client))
 
-    async def _handshake(self, conn: socket.socket, client: str
-                         ) -> tuple[asyncio.BaseTransport, Http1Protocol] | None:
+    async def _handshake(self, conn: socket.socket, client: str) -> None:
         """TLS on the accepted socket; the SNI callback has picked the zone."""
         loop = asyncio.get_running_loop()
         timeout = self.cfg.handshake_timeout
@@ -485,32 +484,30 @@ class L7Server:
             if e.reason != "CALLBACK_FAILED":  # else counted by _on_sni with its reason
                 self.counters.refused(Refusal.HANDSHAKE_ERROR)
             conn.close()
-            return None
+            return
         except (OSError, TimeoutError, EOFError):
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             conn.close()
-            return None
+            return
         ssl_obj = transport.get_extra_info("ssl_object")
         zone = self._zone_of.get(ssl_obj.context) if ssl_obj is not None else None
         if zone is None:  # cannot happen while _on_sni switches or refuses; fail closed
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             transport.abort()
-            return None
+            return
         self.counters.handshake(ssl_obj.version())
         protocol.start(lambda request: self._answer(request, zone, client, tls=True))
-        return transport, protocol
 
-    async def _plain_http(self, conn: socket.socket, client: str
-                          ) -> tuple[asyncio.BaseTransport, Http1Protocol] | None:
+    async def _plain_http(self, conn: socket.socket, client: str) -> None:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
         loop = asyncio.get_running_loop()
         protocol = Http1Protocol(self.limits, self.counters, registry=self._open)
         try:
-            transport, _ = await loop.connect_accepted_socket(lambda: protocol, conn)
+            await loop.connect_accepted_socket(lambda: protocol, conn)
         except OSError:
             conn.close()
-            return None
+            return
 
         def handle(request: Request) -> Response | Awaitable[Response]:
             decision = self.guard.by_sni(host_name(request.host))
@@ -524,7 +521,6 @@ class L7Server:
             return self._answer(request, decision.zone, client, tls=False)
 
         protocol.start(handle)
-        return transport, protocol
 
     def _answer(self, request: Request, zone: str, client: str, tls: bool
                 ) -> Response | Awaitable[Response]:
