@@ -610,6 +610,18 @@ def test_the_memo_of_clean_values_hides_no_attack_and_keeps_no_value() -> None:
     assert not waf._clean and not waf._clean_requests
 
 
+def test_no_memo_when_the_hash_seed_is_fixed(monkeypatch) -> None:
+    """With PYTHONHASHSEED fixed, hashes can be computed by anyone, so a
+    crafted attack could collide with a remembered clean hash: no memo."""
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    waf = Waf(WafSettings())
+    benign = ("GET", "/products?id=42", BROWSER, b"")
+    assert not waf.inspect(*benign).blocked
+    assert not waf.inspect(*benign).blocked
+    assert not waf._clean and not waf._clean_requests
+    assert waf.inspect("GET", "/products?id=" + q("1' OR '1'='1"), BROWSER, b"").blocked
+
+
 def test_the_memo_is_bounded() -> None:
     waf = Waf(WafSettings())
     for i in range(waf_engine.CLEAN_MEMO + 100):

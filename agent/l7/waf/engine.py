@@ -33,6 +33,7 @@ reported as its collection alone.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,13 @@ _NAMED = ("args", "cookies", "headers", "files", "files_content")
 _CACHE_MAX = 4096                       # candidate sets kept per collection
 CLEAN_MEMO = 16384                      # hashes of values known to match nothing
 CLEAN_REQUESTS = 16384                  # hashes of whole requests that matched nothing
+
+
+def hashes_are_secret() -> bool:
+    """Is this process's str/bytes hash keyed by a random seed? The memos
+    trust that nobody can make an attack collide with a remembered clean
+    hash; with PYTHONHASHSEED fixed, anyone could compute the hashes."""
+    return os.environ.get("PYTHONHASHSEED", "random") == "random"
 _NONE: frozenset[str] = frozenset()
 Chain = tuple[str, ...]
 
@@ -298,6 +306,7 @@ class Waf:
         self._scores = {r.id: r.score for r in active}
         self._clean: dict[int, None] = {}
         self._clean_requests: dict[int, None] = {}
+        self._memo = hashes_are_secret()
 
     def _resolve(self, exc: WafException) -> set[str]:
         by_id = self.rules.by_id
@@ -328,7 +337,7 @@ class Waf:
         # passes again. Remembered by a salted hash only, never by value.
         if type(headers) is not tuple:
             headers = tuple(headers)
-        key = hash((method, target, headers, body))
+        key = hash((method, target, headers, body)) if self._memo else None
         if key in self._clean_requests:
             return PASS
         inp = parse(method, target, headers, body)
@@ -348,7 +357,7 @@ class Waf:
             items = inp.values.get(index.collection)
             if items:
                 self._scan(index, items, skip, targeted, hits)
-        if not hits:
+        if not hits and key is not None:
             clean = self._clean_requests
             if len(clean) >= CLEAN_REQUESTS:
                 del clean[next(iter(clean))]   # the oldest
@@ -369,7 +378,7 @@ class Waf:
             # and match nothing: remember that, by a salted hash only (no
             # value is kept), when no exception or earlier hit shaped it.
             key = hash((index.collection, name, value)) \
-                if not (hits or skip or targeted) else None
+                if self._memo and not (hits or skip or targeted) else None
             if key is not None and key in clean:
                 continue
             cache: dict[Chain, str] = {(): value}
