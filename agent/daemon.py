@@ -1,10 +1,12 @@
 """privedge-agent: bring a DC's links under protection and look after them.
 
   privedge-agent run --config inet0.yaml [--config bb0.yaml] [--serve serve.yaml]
+                     [--metrics metrics.yaml]
         start (or adopt) every link, then stay: SIGHUP reloads each config as a
         new generation (and restarts the front end), SIGTERM/SIGINT exit and
         leave the programs attached. --serve runs the TLS front end with the
-        Regional Services guard (agent/l7).
+        Regional Services guard (agent/l7). --metrics serves /metrics over
+        mTLS (agent/metrics); SIGHUP also reloads its certificates.
   privedge-agent check --config node.yaml   validate config and lists; change nothing
   privedge-agent detach IFACE               remove program, pins and state
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -32,6 +35,11 @@ from agent.l7.config import load_serve_config
 from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
 from agent.maps import LayoutError
+from agent.metrics.config import MetricsConfig, load_metrics_config
+from agent.metrics.l7 import L7Collector
+from agent.metrics.registry import AllowlistRegistry
+from agent.metrics.server import MetricsServer
+from agent.metrics.xdp import XdpCollector
 from agent.node import NodeError
 from agent.prefixes import PrefixError
 from agent.rules import ruleset_from_config
@@ -53,7 +61,7 @@ def same_steering(cfgs: list[NodeConfig], paths: list[str]) -> Steering | None:
     if len(sections) > 1:
         raise ConfigError("the links of one agent must carry the same steering section "
                           f"(they differ in {', '.join(paths)})")
-    return sections.pop()
+    return sections.pop() if sections else None
 
 
 class Link:
@@ -120,7 +128,8 @@ class Link:
 class Agent:
     """Every link of a DC, the TLS front end, and the backbone neighbours."""
 
-    def __init__(self, config_paths: list[str], serve_path: str | None = None) -> None:
+    def __init__(self, config_paths: list[str], serve_path: str | None = None,
+                 metrics_path: str | None = None) -> None:
         self.links = [Link(p) for p in config_paths]
         names = [link.cfg.interface for link in self.links]
         if len(set(names)) != len(names):
@@ -132,6 +141,9 @@ class Agent:
         self.front: ServerThread | None = None
         self.cache: Cache | None = None   # the front end's, kept across reloads
         self.steering = same_steering([link.cfg for link in self.links], config_paths)
+        self.metrics_cfg: MetricsConfig | None = (load_metrics_config(metrics_path)
+                                                  if metrics_path else None)
+        self.metrics: MetricsServer | None = None
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -150,6 +162,31 @@ class Agent:
                           for a, p in self.front.addresses)
         phase("serve", f"TLS front end of {self.serve_cfg.dc} (region {self.serve_cfg.region}) "
                        f"on {where}")
+
+    def start_metrics(self) -> None:
+        """/metrics over mTLS: the started links' XDP counters and the front
+        end's, read at scrape time."""
+        if self.metrics_cfg is None:
+            return
+        registry = AllowlistRegistry()
+        registry.register(XdpCollector({link.cfg.interface: link.node for link in self.links}))
+        registry.register(L7Collector(lambda: self.front.server.counters if self.front else None))
+        m = self.metrics_cfg
+        try:
+            self.metrics = MetricsServer(registry, m.listen, m.port, m.tls).start()
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"metrics on [{m.listen}]:{m.port}: {e}") from None
+        address, port = self.metrics.address
+        phase("metrics", f"/metrics over mTLS on [{address}]:{port}")
+
+    def reload_metrics(self) -> None:
+        """SIGHUP: the certificates again (the PKI reissued them in place)."""
+        if self.metrics is None:
+            return
+        try:
+            self.metrics.reload()
+        except (OSError, ssl.SSLError) as e:
+            phase("reload", f"metrics certificates refused, the old ones stay: {e}")
 
     def reload_links(self) -> None:
         """SIGHUP for the links: every config is read and checked first (the
@@ -212,6 +249,7 @@ class Agent:
             link.start()
         self.warm_neighbours()
         self.start_front()
+        self.start_metrics()
         phase("ready", f"{len(self.links)} link(s) protected"
                        f"{'' if self.front is None else ', front end serving'}")
         last_warm = time.monotonic()
@@ -220,11 +258,14 @@ class Agent:
                 self.reload.clear()
                 self.reload_links()
                 self.reload_front()
+                self.reload_metrics()
             for link in self.links:
                 link.sweep()
             if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:
                 self.warm_neighbours()
                 last_warm = time.monotonic()
+        if self.metrics:
+            self.metrics.stop()
         if self.front:
             self.front.stop()
         if self.cache is not None:
@@ -257,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--config", required=True, action="append",
                    help="a link's node config; repeat for each link of the DC")
     r.add_argument("--serve", help="the TLS front end's config (agent/l7)")
+    r.add_argument("--metrics", help="where to serve /metrics over mTLS (agent/metrics)")
     c = sub.add_parser("check", help="validate the config; change nothing")
     c.add_argument("--config", required=True)
     d = sub.add_parser("detach", help="remove the program, pins and state of an interface")
@@ -267,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
-            return Agent(args.config, args.serve).run()
+            return Agent(args.config, args.serve, args.metrics).run()
         if args.cmd == "check":
             return check(args.config)
         found = loader.detach(args.iface, args.bpffs, args.run_dir, args.netns, phase)

@@ -3,7 +3,7 @@ read from a consistent snapshot at scrape time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
@@ -14,11 +14,17 @@ PREFIX = "privedge_l7_"
 
 
 class L7Collector:
-    def __init__(self, counters: Counters) -> None:
-        self.counters = counters
+    """`source` gives the front end's current counters (a reload makes a new
+    front end), or None while none runs."""
+
+    def __init__(self, source: Callable[[], Counters | None]) -> None:
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.counters.snapshot()
+        counters = self.source()
+        if counters is None:
+            return
+        snap = counters.snapshot()
         yield CounterMetricFamily(PREFIX + "connections_accepted",
                                   "TCP connections accepted by the front end",
                                   value=snap["connections_accepted"])

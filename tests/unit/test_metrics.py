@@ -77,7 +77,8 @@ def test_a_collector_that_changes_its_labels_fails_the_scrape() -> None:
 
 def test_the_l7_collector_exports_the_counters_by_closed_labels() -> None:
     registry = AllowlistRegistry()
-    registry.register(L7Collector(_busy_counters()))
+    counters = _busy_counters()
+    registry.register(L7Collector(lambda: counters))
     text = generate_latest(registry).decode()
     assert "privedge_l7_connections_accepted_total 3.0" in text
     assert 'privedge_l7_requests_total{zone="www"} 3.0' in text
@@ -105,7 +106,8 @@ def _scrape(port: int, certs: Path, client: str | None) -> str:
 @pytest.fixture()
 def served(certs: Path):
     registry = AllowlistRegistry()
-    registry.register(L7Collector(_busy_counters()))
+    counters = _busy_counters()
+    registry.register(L7Collector(lambda: counters))
     tls = TlsFiles(certs / "agents" / "dus.crt", certs / "agents" / "dus.key", certs / "ca.crt")
     server = MetricsServer(registry, "127.0.0.1", 0, tls).start()
     try:
@@ -157,7 +159,8 @@ def test_reload_serves_a_reissued_certificate_without_a_restart(tmp_path: Path) 
     parties = pki.plan({"dus": [ipaddress.ip_address("127.0.0.1")]}, [], {})
     pki.run(d, parties)
     registry = AllowlistRegistry()
-    registry.register(L7Collector(Counters(["www"])))
+    counters = Counters(["www"])
+    registry.register(L7Collector(lambda: counters))
     tls = TlsFiles(d / "agents" / "dus.crt", d / "agents" / "dus.key", d / "ca.crt")
     server = MetricsServer(registry, "127.0.0.1", 0, tls).start()
     try:
@@ -176,6 +179,12 @@ def test_reload_serves_a_reissued_certificate_without_a_restart(tmp_path: Path) 
         assert "privedge_l7" in _scrape(server.address[1], d, "prometheus")
     finally:
         server.stop()
+
+
+def test_no_front_end_no_l7_metrics() -> None:
+    registry = AllowlistRegistry()
+    registry.register(L7Collector(lambda: None))
+    assert "privedge_l7" not in generate_latest(registry).decode()
 
 
 def test_a_bad_certificate_path_fails_at_construction(certs: Path, tmp_path: Path) -> None:
