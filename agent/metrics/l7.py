@@ -28,28 +28,13 @@ class L7Collector:
         yield CounterMetricFamily(PREFIX + "connections_accepted",
                                   "TCP connections accepted by the front end",
                                   value=snap["connections_accepted"])
-        refused = CounterMetricFamily(PREFIX + "connections_refused",
-                                      "Connections refused before any request, by reason",
-                                      labels=["reason"])
-        for reason, n in snap["refused"].items():
-            refused.add_metric([reason], n)
-        yield refused
-        tls = CounterMetricFamily(PREFIX + "tls_handshakes", "TLS handshakes completed",
-                                  labels=["tls_version"])
-        for version, n in snap["handshakes"].items():
-            tls.add_metric([version], n)
-        yield tls
-        requests = CounterMetricFamily(PREFIX + "requests", "Requests answered, by zone",
-                                       labels=["zone"])
-        for zone, n in snap["requests"].items():
-            requests.add_metric([zone], n)
-        yield requests
-        errors = CounterMetricFamily(PREFIX + "request_errors",
-                                     "Requests refused by the HTTP layer, by error",
-                                     labels=["error"])
-        for error, n in snap["request_errors"].items():
-            errors.add_metric([error], n)
-        yield errors
+        yield _by(PREFIX + "connections_refused",
+                  "Connections refused before any request, by reason", "reason", snap["refused"])
+        yield _by(PREFIX + "tls_handshakes", "TLS handshakes completed", "tls_version",
+                  snap["handshakes"])
+        yield _by(PREFIX + "requests", "Requests answered, by zone", "zone", snap["requests"])
+        yield _by(PREFIX + "request_errors", "Requests refused by the HTTP layer, by error",
+                  "error", snap["request_errors"])
         actions = CounterMetricFamily(PREFIX + "rule_actions",
                                       "What a zone's rules did (WAF, firewall, rate limits, "
                                       "cache, origin errors), by zone and action",
@@ -58,3 +43,11 @@ class L7Collector:
             for action, n in by_action.items():
                 actions.add_metric([zone, action], n)
         yield actions
+
+
+def _by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
+    """A counter with one label, a sample per key of `counts`."""
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, n in counts.items():
+        family.add_metric([key], n)
+    return family
