@@ -15,6 +15,7 @@ holds the accept loop. Nothing about a scraper is logged.
 from __future__ import annotations
 
 import socket
+import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
@@ -47,6 +48,12 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     context: ssl.SSLContext
+
+    def server_bind(self) -> None:
+        # HTTPServer's would look up its own address's name (getfqdn): a DNS
+        # query that can hang in a namespace without a resolver.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
 
     def get_request(self) -> tuple[socket.socket, object]:
         conn, addr = self.socket.accept()
