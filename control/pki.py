@@ -33,7 +33,7 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -194,7 +194,6 @@ class Party:
     server: bool = False
     client: bool = False
     role: str | None = None         # operators: the organizationalUnitName
-    notes: tuple[str, ...] = field(default=(), compare=False)
 
 
 def operator_roles(specs: Iterable[str]) -> dict[str, str]:

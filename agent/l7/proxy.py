@@ -193,7 +193,7 @@ class ZoneProxy:
         headers = [("age", str(entry.age(lookup.requested_at))),
                    (CACHE_STATUS_HEADER, lookup.status)]
         return Response(entry.status, entry.body, headers, content_type=None,
-                        header_block=entry.header_block())
+                        header_block=entry.header_block)
 
     def _from_origin(self, request: Request, stream: OriginStream,
                      lookup: Lookup) -> Response:

@@ -89,15 +89,12 @@ class Entry:
     def fresh(self, now: float) -> bool:
         return now < self.expires_at
 
+    @cached_property
     def header_block(self) -> bytes:
         """The stored headers as HTTP/1.1 lines for a client ("name: value\r\n"),
         built at the first hit and kept: a hit then adds only Age and status.
         The values came through the origin's parser, so no line breaks."""
-        block = self.__dict__.get("_block")
-        if block is None:
-            block = "".join(f"{n}: {v}\r\n" for n, v in self.headers).encode("latin-1")
-            object.__setattr__(self, "_block", block)
-        return block
+        return "".join(f"{n}: {v}\r\n" for n, v in self.headers).encode("latin-1")
 
     def response_headers(self, now: float | None = None, not_modified: bool = False
                          ) -> list[tuple[str, str]]:
