@@ -12,10 +12,21 @@ from __future__ import annotations
 
 import enum
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable
 
 TLS_VERSIONS = ("TLSv1.2", "TLSv1.3")
 OTHER = "other"
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# The cache's statuses (agent/l7/cache/store.py Status) as labels; "none":
+# the request was answered before the cache stage (a rule, the WAF, the trace).
+CACHE_STATUSES = ("hit", "miss", "expired", "revalidated", "bypass", "dynamic", "none")
+_CACHE_INDEX = {**{s.upper(): i for i, s in enumerate(CACHE_STATUSES)},
+                "": CACHE_STATUSES.index("none")}
+# Upper bounds (seconds) of the response time histogram: a cache hit is
+# sub-millisecond, an origin fetch tens of milliseconds, a timeout seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0)
 
 
 class Refusal(enum.StrEnum):
@@ -71,6 +82,12 @@ class Counters:
         self._requests = dict.fromkeys(zones, 0)
         self._handshakes = dict.fromkeys((*TLS_VERSIONS, OTHER), 0)
         self._actions = {z: dict.fromkeys(RuleAction, 0) for z in self._requests}
+        # zone -> [status class][cache status] counts
+        self._responses = {z: [[0] * len(CACHE_STATUSES) for _ in STATUS_CLASSES]
+                           for z in self._requests}
+        # zone -> per-bucket counts (the last: over the largest bound), and sums
+        self._latency = {z: [0] * (len(LATENCY_BUCKETS) + 1) for z in self._requests}
+        self._latency_sum = dict.fromkeys(self._requests, 0.0)
 
     def accepted(self) -> None:
         """A TCP connection was accepted (refused ones included)."""
@@ -101,6 +118,18 @@ class Counters:
         with self._lock:
             self._actions[zone][key] += 1
 
+    def response(self, zone: str, status: int, cache: str, seconds: float) -> None:
+        """A response of `zone` went out: its status class, the cache's
+        status (a Status value or ""), and its time in seconds."""
+        by_class = self._responses[zone]   # KeyError: not a zone of this config
+        row = min(max(status // 100, 1), 5) - 1
+        column = _CACHE_INDEX[cache]       # KeyError: not a cache status
+        bucket = bisect_left(LATENCY_BUCKETS, seconds)
+        with self._lock:
+            by_class[row][column] += 1
+            self._latency[zone][bucket] += 1
+            self._latency_sum[zone] += seconds
+
     def request_error(self, error: RequestError | str) -> None:
         key = RequestError(error)
         with self._lock:
@@ -116,4 +145,9 @@ class Counters:
                 "requests": dict(self._requests),
                 "request_errors": {str(k): v for k, v in self._request_errors.items()},
                 "actions": {z: {str(k): v for k, v in a.items()} for z, a in self._actions.items()},
+                "responses": {z: {cls: dict(zip(CACHE_STATUSES, row, strict=True))
+                                  for cls, row in zip(STATUS_CLASSES, rows, strict=True)}
+                              for z, rows in self._responses.items()},
+                "latency": {z: {"buckets": list(counts), "sum": self._latency_sum[z]}
+                            for z, counts in self._latency.items()},
             }

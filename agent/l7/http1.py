@@ -72,6 +72,7 @@ class Request:
     request_id: str
     http_version: str
     keep_alive: bool = True                # the client allows another request after
+    received: float = 0.0                  # loop time its last byte was read
 
 
 @dataclass
@@ -89,6 +90,14 @@ class Response:
     stream: AsyncIterator[bytes] | None = None
     length: int | None = None
     header_block: bytes = b""      # more header lines, encoded already (a cache entry's)
+    # What the observer (agent/l7/observe.py) reports; set where it is known.
+    cache: str = ""                # the cache's status (agent/l7/cache Status) or none
+    action: str = ""               # the RuleAction that decided the request, if one did
+
+
+# Told of each answered request: (request, response, body bytes sent,
+# seconds from the request's last byte in to the response's last byte out).
+Observe = Callable[["Request", Response, int, float], None]
 
 
 Handler = Callable[[Request], "Response | Awaitable[Response]"]
@@ -201,14 +210,17 @@ class Http1Protocol(asyncio.Protocol):
         "handler",
         "limits",
         "loop",
+        "observe",
         "registry",
         "transport",
     )
 
     def __init__(self, limits: Limits, counters: Counters,
                  handler: Handler | None = None,
-                 registry: set[Http1Protocol] | None = None) -> None:
+                 registry: set[Http1Protocol] | None = None,
+                 observe: Observe | None = None) -> None:
         self.limits, self.counters = limits, counters
+        self.observe = observe
         self.registry = registry              # holds the protocol while connected
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -401,7 +413,7 @@ class Http1Protocol(asyncio.Protocol):
             p.get_method().decode("ascii"), self._url.decode("latin-1"), self._host,
             tuple(self._headers),
             b"".join(self._body), _request_id(), p.get_http_version(),
-            p.should_keep_alive()))
+            p.should_keep_alive(), self.loop.time()))
         self._body, self._body_size = [], 0
         self._in_message = False
         if len(self._queue) >= QUEUE_PAUSE:
@@ -423,8 +435,7 @@ class Http1Protocol(asyncio.Protocol):
             except Exception as e:
                 answer = _handler_failed(e)
             if isinstance(answer, Response) and answer.stream is None:
-                self._write(answer, item)
-                self._finished(answer, item)
+                self._finished(answer, item, self._write(answer, item))
             else:
                 self._task = self.loop.create_task(self._complete(answer, item))
 
@@ -437,9 +448,9 @@ class Http1Protocol(asyncio.Protocol):
             response = _handler_failed(e)
         try:
             if response.stream is None:
-                self._write(response, request)
+                sent = self._write(response, request)
             else:
-                await self._stream(response, request)
+                sent = await self._stream(response, request)
         except (StreamBroken, ConnectionError):
             # The head is out and the body cannot be finished: cut the
             # connection so the client sees a truncated response, never a
@@ -448,9 +459,11 @@ class Http1Protocol(asyncio.Protocol):
                 self.transport.abort()
             return
         self._task = None
-        self._finished(response, request)
+        self._finished(response, request, sent)
 
-    def _finished(self, response: Response, request: Request) -> None:
+    def _finished(self, response: Response, request: Request, sent: int) -> None:
+        if self.observe is not None:
+            self.observe(request, response, sent, self.loop.time() - request.received)
         self._busy = False
         self._first = False
         if response.close or not request.keep_alive or (self._eof and not self._queue):
@@ -486,17 +499,20 @@ class Http1Protocol(asyncio.Protocol):
             head += "Connection: close\r\n"
         return head.encode("latin-1") + r.header_block + b"\r\n"
 
-    def _write(self, r: Response, request: Request) -> None:
+    def _write(self, r: Response, request: Request) -> int:
+        """Write a whole response; returns the body bytes written."""
         head = self._head(r, request, len(r.body), False)
         if self.transport is None or self._closed:
-            return
+            return 0
         if r.body and request.method != "HEAD" and not _no_body(r.status):
             self.transport.write(head + r.body)
-        else:
-            self.transport.write(head)  # HEAD: the length, not the bytes
+            return len(r.body)
+        self.transport.write(head)  # HEAD: the length, not the bytes
+        return 0
 
-    async def _stream(self, r: Response, request: Request) -> None:
-        """Write the head, then each chunk as it comes, paced by the client."""
+    async def _stream(self, r: Response, request: Request) -> int:
+        """Write the head, then each chunk as it comes, paced by the client;
+        returns the body bytes written."""
         assert r.stream is not None
         head_only = request.method == "HEAD" or _no_body(r.status)
         # Unknown length: chunked for HTTP/1.1, to the close for HTTP/1.0.
@@ -506,7 +522,7 @@ class Http1Protocol(asyncio.Protocol):
         try:
             self.transport.write(self._head(r, request, r.length, chunked))  # type: ignore[union-attr]
             if head_only:
-                return
+                return 0
             sent = 0
             while True:
                 try:
@@ -529,6 +545,7 @@ class Http1Protocol(asyncio.Protocol):
                 raise StreamBroken("body shorter than its length")
             if chunked:
                 self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            return sent
         finally:
             await _close_stream(r.stream)
 

@@ -91,12 +91,12 @@ class ZonePipeline:
         settings = match.settings
         if match.redirect is not None:
             self.counters.action(self.zone, RuleAction.PAGE_REDIRECT)
-            return Outcome(Response(match.redirect[0], b"", [("Location", match.redirect[1])]),
-                           settings)
+            return Outcome(Response(match.redirect[0], b"", [("Location", match.redirect[1])],
+                                    action=RuleAction.PAGE_REDIRECT), settings)
         if settings.always_https and not tls:
             self.counters.action(self.zone, RuleAction.HTTPS_REDIRECT)
-            return Outcome(Response(301, b"", [("Location", f"https://{host}{target}")]),
-                           settings)
+            return Outcome(Response(301, b"", [("Location", f"https://{host}{target}")],
+                                    action=RuleAction.HTTPS_REDIRECT), settings)
 
         challenge = False
         if not self.firewall.rules and not self.rate_limiter.rules:
@@ -114,8 +114,8 @@ class ZonePipeline:
             if verdict.action is not None:
                 self.counters.action(self.zone, FW_ACTIONS[verdict.action])
             if verdict.action == "block":
-                return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n"),
-                               settings)
+                return Outcome(Response(403, b"403 Forbidden: blocked by a firewall rule\n",
+                                        action=RuleAction.FW_BLOCK), settings)
             if verdict.action == "allow":
                 return Outcome(None, settings, allowed=True, target=target, path=path,
                                query=query)
@@ -127,5 +127,6 @@ class ZonePipeline:
         if not limited.allowed:
             self.counters.action(self.zone, RuleAction.RATE_LIMITED)
             return Outcome(Response(429, b"429 Too Many Requests\n",
-                                    [("Retry-After", str(limited.retry_after))]), settings)
+                                    [("Retry-After", str(limited.retry_after))],
+                                    action=RuleAction.RATE_LIMITED), settings)
         return Outcome(None, settings, False, challenge, target, path, query)

@@ -109,10 +109,13 @@ class ZoneProxy:
                 if login.response is not None:
                     if login.response.status == 429:
                         self.counters.action(name, RuleAction.LOGIN_BLOCK)
+                        login.response.action = RuleAction.LOGIN_BLOCK
+                    else:
+                        login.response.action = RuleAction.LOGIN_LEAKED
                     return login.response
         if looped(request.headers):
             self.counters.action(name, RuleAction.LOOP)
-            return Response(508, b"508 Loop Detected\n")
+            return Response(508, b"508 Loop Detected\n", action=RuleAction.LOOP)
 
         if path == TRACE_PATH or self.origin is None:
             self.counters.served(name)
@@ -122,10 +125,10 @@ class ZoneProxy:
                                    query, request.headers)
         if lookup.entry is not None and lookup.fresh:
             return self._from_cache(request, lookup)
-        return self._fetch(request, client, tls, target, lookup, login)
+        return self._fetch(request, client, tls, target, lookup, login, outcome.allowed)
 
     async def _fetch(self, request: Request, client: str, tls: bool, target: str,
-                     lookup: Lookup, login: LoginCheck) -> Response:
+                     lookup: Lookup, login: LoginCheck, allowed: bool) -> Response:
         """Ask the origin; answer from a revalidated entry or stream its body."""
         name = self.zone.name
         # Every request, login or not: a client's own Exposed-Credential-Check
@@ -139,10 +142,11 @@ class ZoneProxy:
         except OriginError as e:
             if self.logins is not None:
                 self.logins.after(login, None)
-            self.counters.action(name, RuleAction.ORIGIN_TIMEOUT if e.status == 504
-                                 else RuleAction.ORIGIN_ERROR)
+            action = RuleAction.ORIGIN_TIMEOUT if e.status == 504 else RuleAction.ORIGIN_ERROR
+            self.counters.action(name, action)
             reason = "Gateway Timeout" if e.status == 504 else "Bad Gateway"
-            return Response(e.status, f"{e.status} {reason}\n".encode())
+            return Response(e.status, f"{e.status} {reason}\n".encode(), action=action,
+                             cache=lookup.status)
         if self.logins is not None:
             self.logins.after(login, stream.status)
         if stream.status == 304 and lookup.entry is not None and lookup.revalidating:
@@ -151,7 +155,10 @@ class ZoneProxy:
             return self._from_cache(request, self.cache.lookup_entry(lookup, entry))
         self.counters.served(name)
         self.cache.invalidate(lookup, stream.status)  # an unsafe method changed the URL
-        return self._from_origin(request, stream, lookup)
+        response = self._from_origin(request, stream, lookup)
+        if allowed:
+            response.action = RuleAction.FW_ALLOW
+        return response
 
     # -- stages ---------------------------------------------------------------------
 
@@ -165,7 +172,7 @@ class ZoneProxy:
             if verdict.blocked:
                 self.counters.action(name, RuleAction.WAF_BLOCK)
                 return Response(403, b"403 Forbidden: blocked by the web application "
-                                     b"firewall\n")
+                                     b"firewall\n", action=RuleAction.WAF_BLOCK)
             if verdict.matches:
                 self.counters.action(name, RuleAction.WAF_SCORED)
         bots = self.zone.bots
@@ -174,13 +181,16 @@ class ZoneProxy:
         score = assess(request).score if bots.mode != "off" else 0
         if score >= BAD_AGENT_SCORE or (bots.mode == "block" and score >= bots.threshold):
             self.counters.action(name, RuleAction.BOT_BLOCK)
-            return Response(403, b"403 Forbidden: automated client\n")
+            return Response(403, b"403 Forbidden: automated client\n",
+                            action=RuleAction.BOT_BLOCK)
         if challenged or score >= bots.threshold:
             if self.challenge.passes(request, client):
                 self.counters.action(name, RuleAction.CHALLENGE_PASSED)
                 return None
             self.counters.action(name, RuleAction.CHALLENGE_ISSUED)
-            return self.challenge.issue(request, client, tls, ttl=bots.challenge_ttl)
+            response = self.challenge.issue(request, client, tls, ttl=bots.challenge_ttl)
+            response.action = RuleAction.CHALLENGE_ISSUED
+            return response
         return None
 
     def _from_cache(self, request: Request, lookup: Lookup) -> Response:
@@ -189,11 +199,11 @@ class ZoneProxy:
         if self.cache.not_modified_for_client(entry, request.headers, lookup.plain):
             headers = entry.response_headers(not_modified=True)
             headers.append((CACHE_STATUS_HEADER, lookup.status))
-            return Response(304, b"", headers, content_type=None)
+            return Response(304, b"", headers, content_type=None, cache=lookup.status)
         headers = [("age", str(entry.age(lookup.requested_at))),
                    (CACHE_STATUS_HEADER, lookup.status)]
         return Response(entry.status, entry.body, headers, content_type=None,
-                        header_block=entry.header_block)
+                        header_block=entry.header_block, cache=lookup.status)
 
     def _from_origin(self, request: Request, stream: OriginStream,
                      lookup: Lookup) -> Response:
@@ -204,7 +214,7 @@ class ZoneProxy:
         if request.method == "GET" and verdict.stored:
             body = self._tee(stream, lookup)
         return Response(stream.status, headers=headers, content_type=None, stream=body,
-                        length=stream.length)
+                        length=stream.length, cache=verdict.status)
 
     async def _tee(self, stream: OriginStream, lookup: Lookup) -> AsyncIterator[bytes]:
         """Pass the body on and keep a copy; store it once it ended whole and

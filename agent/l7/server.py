@@ -71,7 +71,8 @@ from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normali
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
-from agent.l7.http1 import Http1Protocol, Limits, Request, Response
+from agent.l7.http1 import Http1Protocol, Limits, Observe, Request, Response
+from agent.l7.observe import LogSink, Observer, SampleSink
 from agent.l7.proxy import ZoneProxy
 
 log = logging.getLogger("privedge.l7")
@@ -285,8 +286,12 @@ class L7Server:
     """The asyncio front end for one ServeConfig; the only I/O of agent/l7."""
 
     def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
-                 cache: Cache | None = None) -> None:
+                 cache: Cache | None = None, logs: LogSink | None = None,
+                 sample: SampleSink | None = None) -> None:
         """Build the guard and load the certificates; ServeError lists problems.
+
+        `logs`, `sample`: where answered requests' records go (agent/l7/observe.py);
+        None: counted in the metrics only.
 
         `cache`: a store that outlives this server (the daemon keeps one
         across reloads); without it, start() makes one and stop() empties it.
@@ -296,6 +301,8 @@ class L7Server:
         self.guard = Guard(cfg)
         self.counters = counters or Counters(z.name for z in cfg.zones)
         self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
+        self.observer = Observer(cfg.dc, self.counters, logs,
+                                 [z.name for z in cfg.zones if z.logs.enabled], sample)
         self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable,
                                             cfg.tls_resumption)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
@@ -495,14 +502,27 @@ class L7Server:
             self.counters.refused(Refusal.HANDSHAKE_ERROR)
             transport.abort()
             return
-        self.counters.handshake(ssl_obj.version())
+        version = ssl_obj.version()
+        self.counters.handshake(version)
+        protocol.observe = self.observer.bind(zone, client, version or "")
         protocol.start(lambda request: self._answer(request, zone, client, tls=True))
+
+    def _observe_plain(self, client: str) -> Observe:
+        """A plain HTTP connection's observer: each request's Host names its
+        zone; a refused one (no zone served here) is not a zone's response."""
+        def observe(request: Request, response: Response, sent: int, seconds: float) -> None:
+            decision = self.guard.by_sni(host_name(request.host))
+            if decision.serve:
+                self.observer.finished(decision.zone, client, "", request, response, sent,
+                                       seconds)
+        return observe
 
     async def _plain_http(self, conn: socket.socket, client: str) -> None:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
         loop = asyncio.get_running_loop()
-        protocol = Http1Protocol(self.limits, self.counters, registry=self._open)
+        protocol = Http1Protocol(self.limits, self.counters, registry=self._open,
+                                 observe=self._observe_plain(client))
         try:
             await loop.connect_accepted_socket(lambda: protocol, conn)
         except OSError:
@@ -599,8 +619,10 @@ class ServerThread:
     """
 
     def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
-                 cache: Cache | None = None) -> None:
-        self.server = L7Server(cfg, counters, cache)  # certificate problems raise here
+                 cache: Cache | None = None, logs: LogSink | None = None,
+                 sample: SampleSink | None = None) -> None:
+        # certificate problems raise here
+        self.server = L7Server(cfg, counters, cache, logs, sample)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -656,9 +678,11 @@ class ServerThread:
 
 
 def run_in_thread(cfg: ServeConfig, counters: Counters | None = None,
-                  timeout: float = 10.0, cache: Cache | None = None) -> ServerThread:
+                  timeout: float = 10.0, cache: Cache | None = None,
+                  logs: LogSink | None = None, sample: SampleSink | None = None
+                  ) -> ServerThread:
     """Start an L7Server in a thread; returns once it listens. Stop with .stop()."""
-    return ServerThread(cfg, counters, cache).start(timeout)
+    return ServerThread(cfg, counters, cache, logs, sample).start(timeout)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from agent.l7.counters import Counters
+from agent.l7.counters import LATENCY_BUCKETS, Counters, RuleAction
+
+# The origin's failures, also among the rule actions, as a metric of their own
+# (the origin error ratio is what an operator alerts on).
+ORIGIN_ERRORS = {RuleAction.ORIGIN_ERROR: "error", RuleAction.ORIGIN_TIMEOUT: "timeout"}
 
 PREFIX = "privedge_l7_"
 
@@ -39,10 +43,35 @@ class L7Collector:
                                       "What a zone's rules did (WAF, firewall, rate limits, "
                                       "cache, origin errors), by zone and action",
                                       labels=["zone", "action"])
+        origin = CounterMetricFamily(PREFIX + "origin_errors",
+                                     "Requests the origin failed (502: error, 504: timeout), "
+                                     "by zone", labels=["zone", "error"])
         for zone, by_action in snap["actions"].items():
             for action, n in by_action.items():
                 actions.add_metric([zone, action], n)
+            for action, error in ORIGIN_ERRORS.items():
+                origin.add_metric([zone, error], by_action[action])
         yield actions
+        yield origin
+        responses = CounterMetricFamily(PREFIX + "responses",
+                                        "Responses sent, by zone, status class and cache status",
+                                        labels=["zone", "status_class", "cache_status"])
+        for zone, by_class in snap["responses"].items():
+            for cls, by_cache in by_class.items():
+                for cache, n in by_cache.items():
+                    responses.add_metric([zone, cls, cache], n)
+        yield responses
+        latency = HistogramMetricFamily(PREFIX + "response_seconds",
+                                        "Time from a request's last byte in to its response's "
+                                        "last byte out, by zone", labels=["zone"])
+        bounds = [*(repr(b) for b in LATENCY_BUCKETS), "+Inf"]
+        for zone, hist in snap["latency"].items():
+            cumulative, total = [], 0
+            for bound, n in zip(bounds, hist["buckets"], strict=True):
+                total += n
+                cumulative.append((bound, total))
+            latency.add_metric([zone], cumulative, hist["sum"])
+        yield latency
 
 
 def _by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:

@@ -25,7 +25,7 @@ LABELS = frozenset({
     "peer_dc",        # the same, for RTT between DCs
     "zone",           # zone names from the config (never a Host header)
     "status_class",   # 1xx..5xx
-    "cache_status",   # HIT, MISS, ... (agent/l7/cache)
+    "cache_status",   # hit, miss, ..., none (agent/l7/counters.py CACHE_STATUSES)
     "action",         # rule actions: an enum (agent/l7/counters.py)
     "error",          # request errors: an enum
     "tls_version",    # TLSv1.2, TLSv1.3, other

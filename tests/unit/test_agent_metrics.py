@@ -75,6 +75,10 @@ def test_the_front_ends_requests_reach_the_scrape(agent) -> None:
     after, _ = _scrape(a, net)
     assert 'privedge_l7_requests_total{zone="www"} 1.0' in after
     assert 'privedge_l7_tls_handshakes_total{tls_version="TLSv1.3"} 1.0' in after
+    # The trace is the edge's own answer: no cache stage.
+    assert ('privedge_l7_responses_total{cache_status="none",status_class="2xx",zone="www"} 1.0'
+            in after)
+    assert 'privedge_l7_response_seconds_count{zone="www"} 1.0' in after
 
 
 def test_sighup_serves_reissued_certificates_and_follows_a_new_front_end(agent) -> None:

@@ -75,16 +75,35 @@ def _zone(origin_port: int, pki: Path, **extra: object) -> dict:
 
 
 @contextlib.contextmanager
-def edge(tmp_path: Path, pki: Path, origin_port: int, **zone: object) -> Iterator[ServerThread]:
+def edge(tmp_path: Path, pki: Path, origin_port: int, sinks: Recorder | None = None,
+         **zone: object) -> Iterator[ServerThread]:
     cfg = {"dc": "dus", "region": "eu", "listen": ["127.0.0.1"], "port": 0,
            "certs": str(pki.parent), "status_socket": str(tmp_path / "l7.sock"),
            "cache_store": {"memory_bytes": 8 << 20, "disk_dir": str(tmp_path / "cache")},
            "zones": [_zone(origin_port, pki, **zone)]}
-    handle = run_in_thread(parse_serve_config(cfg))
+    handle = run_in_thread(parse_serve_config(cfg), logs=sinks, sample=sinks)
     try:
         yield handle
     finally:
         assert handle.stop(TIMEOUT)
+
+
+class Recorder:
+    """Both sinks of the observer (agent/l7/observe.py), keeping what they are
+    handed; every request is sampled."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple] = []
+        self.sample: list[tuple] = []
+
+    def submit(self, *args: object) -> None:   # logs: (zone, record); sample: (record,)
+        (self.logs if len(args) == 2 else self.sample).append(args[-1])  # type: ignore[arg-type]
+
+    def draw(self) -> bool:
+        return True
+
+    def pseudonym(self, address: str) -> tuple[str, str]:
+        return "f" * 32, "2026-11-27"
 
 
 class EdgeConnection(http.client.HTTPSConnection):
@@ -350,3 +369,52 @@ def test_the_zones_challenge_ttl_is_the_cookies_lifetime(tmp_path, pki, origin) 
         status, headers, _ = get(c, "/members")
         c.close()
     assert status == 302 and "Max-Age=600;" in headers["set-cookie"]
+
+
+# ------------------------------------------------------------------------ observer
+
+
+def test_each_answer_leaves_a_log_record_and_a_sample_record(tmp_path, pki, origin) -> None:
+    from agent.l7.observe import Observer  # noqa: F401  (the code under test)
+
+    sinks = Recorder()
+    with edge(tmp_path, pki, origin, sinks, logs={"enabled": True}) as handle:
+        c = EdgeConnection(handle.addresses[0][1], pki)
+        path = f"/static/obs-{time.time_ns()}.css?q=1"
+        assert get(c, path)[0] == 200
+        assert get(c, path)[0] == 200
+        assert get(c, "/?id=1%27%20OR%20%271%27=%271")[0] == 403
+        assert get(c, "/drop")[0] == 502
+        c.close()
+        deadline = time.monotonic() + TIMEOUT
+        while len(sinks.logs) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    fields = ("zone", "method", "host", "path", "status", "cache_status", "action", "client_ip",
+              "user_agent")
+    # The Host header as received: this client names the port too.
+    got = [dict(zip(fields, (r[1], r[3], r[4].split(":")[0], *r[5:7], *r[8:12]), strict=True))
+           for r in sinks.logs]
+    common = {"zone": "www", "method": "GET", "host": HOST, "client_ip": "127.0.0.1",
+              "user_agent": BROWSER["User-Agent"]}
+    assert got == [
+        {**common, "path": path, "status": 200, "cache_status": "miss", "action": ""},
+        {**common, "path": path, "status": 200, "cache_status": "hit", "action": ""},
+        {**common, "path": "/?id=1%27%20OR%20%271%27=%271", "status": 403,
+         "cache_status": "", "action": "waf_block"},
+        {**common, "path": "/drop", "status": 502, "cache_status": "dynamic",
+         "action": "origin_error"},
+    ]
+    assert all(r[2] == "dus" and abs(r[0] - time.time()) < 60 for r in sinks.logs)
+    assert sinks.logs[0][7] == sinks.logs[1][7] > 0          # bytes: the same body twice
+    # The sample: metadata and a pseudonym, never the address, host or path.
+    assert len(sinks.sample) == 4
+    for record in sinks.sample:
+        assert "127.0.0.1" not in record and HOST not in record
+        assert not any(isinstance(v, str) and v.startswith("/") for v in record)
+        assert record[9] == "TLSv1.3" and record[10] == "f" * 32 and record[8] >= 0
+
+
+def test_zones_without_logs_leave_no_record(conn) -> None:
+    c, handle = conn
+    assert get(c, "/cdn-cgi/trace")[0] == 200
+    assert handle.server.observer.log_zones == frozenset()

@@ -39,6 +39,11 @@ def _busy_counters() -> Counters:
     c.handshake("TLSv1.3")
     c.request_error(RequestError.TOO_LARGE)
     c.action("shop-eu", RuleAction.WAF_BLOCK)
+    c.action("www", RuleAction.ORIGIN_TIMEOUT)
+    c.response("www", 200, "HIT", 0.0003)
+    c.response("www", 200, "HIT", 0.004)
+    c.response("www", 504, "MISS", 5.5)
+    c.response("shop-eu", 403, "", 0.002)
     return c
 
 
@@ -86,6 +91,41 @@ def test_the_l7_collector_exports_the_counters_by_closed_labels() -> None:
     assert 'privedge_l7_tls_handshakes_total{tls_version="TLSv1.3"} 1.0' in text
     assert 'privedge_l7_request_errors_total{error="too_large"} 1.0' in text
     assert 'privedge_l7_rule_actions_total{action="waf_block",zone="shop-eu"} 1.0' in text
+    assert 'privedge_l7_origin_errors_total{error="timeout",zone="www"} 1.0' in text
+    assert 'privedge_l7_origin_errors_total{error="error",zone="www"} 0.0' in text
+
+
+def test_responses_are_counted_by_status_class_and_cache_status_with_a_latency_histogram(
+        ) -> None:
+    registry = AllowlistRegistry()
+    counters = _busy_counters()
+    registry.register(L7Collector(lambda: counters))
+    text = generate_latest(registry).decode()
+    assert ('privedge_l7_responses_total{cache_status="hit",status_class="2xx",zone="www"} 2.0'
+            in text)
+    assert ('privedge_l7_responses_total{cache_status="miss",status_class="5xx",zone="www"} 1.0'
+            in text)
+    assert ('privedge_l7_responses_total{cache_status="none",status_class="4xx",'
+            'zone="shop-eu"} 1.0' in text)
+    # Buckets are cumulative: 0.3 ms falls under 0.5 ms, 4 ms under 5 ms,
+    # 5.5 s only under 10 s.
+    assert 'privedge_l7_response_seconds_bucket{le="0.0005",zone="www"} 1.0' in text
+    assert 'privedge_l7_response_seconds_bucket{le="0.005",zone="www"} 2.0' in text
+    assert 'privedge_l7_response_seconds_bucket{le="5.0",zone="www"} 2.0' in text
+    assert 'privedge_l7_response_seconds_bucket{le="10.0",zone="www"} 3.0' in text
+    assert 'privedge_l7_response_seconds_bucket{le="+Inf",zone="www"} 3.0' in text
+    assert 'privedge_l7_response_seconds_count{zone="www"} 3.0' in text
+    total = float(re.search(r'privedge_l7_response_seconds_sum\{zone="www"\} (\S+)',
+                            text).group(1))
+    assert total == pytest.approx(5.5043)
+
+
+def test_a_response_of_an_unknown_zone_or_cache_status_is_a_bug() -> None:
+    c = Counters(["www"])
+    with pytest.raises(KeyError):
+        c.response("elsewhere", 200, "", 0.1)
+    with pytest.raises(KeyError):
+        c.response("www", 200, "WARM", 0.1)
 
 
 def _scrape(port: int, certs: Path, client: str | None) -> str:
