@@ -37,8 +37,7 @@ from agent.libbpf import BpfError
 from agent.maps import LayoutError
 from agent.metrics.config import MetricsConfig, load_metrics_config
 from agent.metrics.l7 import L7Collector
-from agent.metrics.registry import AllowlistRegistry
-from agent.metrics.server import MetricsServer
+from agent.metrics.service import MetricsService
 from agent.metrics.xdp import XdpCollector
 from agent.node import NodeError
 from agent.prefixes import PrefixError
@@ -143,7 +142,7 @@ class Agent:
         self.steering = same_steering([link.cfg for link in self.links], config_paths)
         self.metrics_cfg: MetricsConfig | None = (load_metrics_config(metrics_path)
                                                   if metrics_path else None)
-        self.metrics: MetricsServer | None = None
+        self.metrics: MetricsService | None = None
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -168,16 +167,14 @@ class Agent:
         end's, read at scrape time."""
         if self.metrics_cfg is None:
             return
-        registry = AllowlistRegistry()
-        registry.register(XdpCollector({link.cfg.interface: link.node for link in self.links}))
-        registry.register(L7Collector(lambda: self.front.server.counters if self.front else None))
-        m = self.metrics_cfg
-        try:
-            self.metrics = MetricsServer(registry, m.listen, m.port, m.tls).start()
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"metrics on [{m.listen}]:{m.port}: {e}") from None
+        collectors = [
+            XdpCollector({link.cfg.interface: link.node for link in self.links}),
+            L7Collector(lambda: self.front.server.counters if self.front else None)]
+        self.metrics = MetricsService(self.metrics_cfg, collectors).start()
         address, port = self.metrics.address
-        phase("metrics", f"/metrics over mTLS on [{address}]:{port}")
+        rtt = self.metrics_cfg.rtt
+        phase("metrics", f"/metrics over mTLS on [{address}]:{port}"
+                         + (f"; RTT probes of {', '.join(rtt.peers)}" if rtt else ""))
 
     def reload_metrics(self) -> None:
         """SIGHUP: the certificates again (the PKI reissued them in place)."""

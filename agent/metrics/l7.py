@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from agent.l7.counters import LATENCY_BUCKETS, Counters, RuleAction
+from agent.metrics.families import counter_by, cumulative
 
 # The origin's failures, also among the rule actions, as a metric of their own
 # (the origin error ratio is what an operator alerts on).
@@ -32,13 +33,15 @@ class L7Collector:
         yield CounterMetricFamily(PREFIX + "connections_accepted",
                                   "TCP connections accepted by the front end",
                                   value=snap["connections_accepted"])
-        yield _by(PREFIX + "connections_refused",
-                  "Connections refused before any request, by reason", "reason", snap["refused"])
-        yield _by(PREFIX + "tls_handshakes", "TLS handshakes completed", "tls_version",
-                  snap["handshakes"])
-        yield _by(PREFIX + "requests", "Requests answered, by zone", "zone", snap["requests"])
-        yield _by(PREFIX + "request_errors", "Requests refused by the HTTP layer, by error",
-                  "error", snap["request_errors"])
+        yield counter_by(PREFIX + "connections_refused",
+                         "Connections refused before any request, by reason", "reason",
+                         snap["refused"])
+        yield counter_by(PREFIX + "tls_handshakes", "TLS handshakes completed", "tls_version",
+                         snap["handshakes"])
+        yield counter_by(PREFIX + "requests", "Requests answered, by zone", "zone",
+                         snap["requests"])
+        yield counter_by(PREFIX + "request_errors", "Requests refused by the HTTP layer, by error",
+                         "error", snap["request_errors"])
         actions = CounterMetricFamily(PREFIX + "rule_actions",
                                       "What a zone's rules did (WAF, firewall, rate limits, "
                                       "cache, origin errors), by zone and action",
@@ -64,19 +67,7 @@ class L7Collector:
         latency = HistogramMetricFamily(PREFIX + "response_seconds",
                                         "Time from a request's last byte in to its response's "
                                         "last byte out, by zone", labels=["zone"])
-        bounds = [*(repr(b) for b in LATENCY_BUCKETS), "+Inf"]
         for zone, hist in snap["latency"].items():
-            cumulative, total = [], 0
-            for bound, n in zip(bounds, hist["buckets"], strict=True):
-                total += n
-                cumulative.append((bound, total))
-            latency.add_metric([zone], cumulative, hist["sum"])
+            latency.add_metric([zone], cumulative(LATENCY_BUCKETS, hist["buckets"]), hist["sum"])
         yield latency
 
-
-def _by(name: str, doc: str, label: str, counts: dict[str, int]) -> CounterMetricFamily:
-    """A counter with one label, a sample per key of `counts`."""
-    family = CounterMetricFamily(name, doc, labels=[label])
-    for key, n in counts.items():
-        family.add_metric([key], n)
-    return family

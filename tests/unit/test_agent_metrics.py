@@ -104,6 +104,10 @@ def test_unloadable_certificates_keep_the_old_ones(agent, capsys) -> None:
     ({"listen": "dus", "cert": "a", "key": "b", "ca": "c"}, "listen"),
     ({"listen": "127.0.0.1", "port": 70000, "cert": "a", "key": "b", "ca": "c"}, "port"),
     ({"listen": "127.0.0.1", "cert": "a", "key": "b"}, "ca"),
+    ({"listen": "127.0.0.1", "cert": "a", "key": "b", "ca": "c",
+      "rtt": {"peers": {"fra": "fra.example"}}}, r"rtt\.peers: 'fra\.example'"),
+    ({"listen": "127.0.0.1", "cert": "a", "key": "b", "ca": "c", "rtt": {"peers": {}}},
+     r"rtt\.peers"),
 ])
 def test_a_bad_metrics_config_names_the_field(tmp_path: Path, doc: dict, why: str) -> None:
     path = tmp_path / "metrics.yaml"

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 from agent.l7.counters import Counters, Refusal, RequestError, RuleAction
 from agent.metrics.l7 import L7Collector
 from agent.metrics.registry import AllowlistRegistry, MetricsError
+from agent.metrics.rtt import RttCollector, RttProber
 from agent.metrics.server import MetricsServer, TlsFiles
 from control import pki
 
@@ -25,8 +26,8 @@ TIMEOUT = 5
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    pki.run(d, pki.plan({"dus": [ipaddress.ip_address("127.0.0.1")]}, [],
-                        {"alice": "viewer"}))
+    local = [ipaddress.ip_address("127.0.0.1")]
+    pki.run(d, pki.plan({"dus": local, "fra": local}, [], {"alice": "viewer"}))
     return d
 
 
@@ -231,3 +232,35 @@ def test_a_bad_certificate_path_fails_at_construction(certs: Path, tmp_path: Pat
     tls = TlsFiles(tmp_path / "none.crt", certs / "agents" / "dus.key", certs / "ca.crt")
     with pytest.raises(OSError):
         MetricsServer(AllowlistRegistry(), "127.0.0.1", 0, tls)
+
+
+def _agent_tls(certs: Path, dc: str) -> TlsFiles:
+    return TlsFiles(certs / "agents" / f"{dc}.crt", certs / "agents" / f"{dc}.key",
+                    certs / "ca.crt")
+
+
+def test_rtt_probes_count_a_peer_only_when_its_certificate_names_it(certs: Path) -> None:
+    fra = MetricsServer(AllowlistRegistry(), "127.0.0.1", 0, _agent_tls(certs, "fra")).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))   # bound, never listening: connections are refused
+        try:
+            port = fra.address[1]
+            # "iad" is served by fra's certificate here: an impostor, a failure.
+            prober = RttProber({"fra": "127.0.0.1", "iad": "127.0.0.1"}, port,
+                               _agent_tls(certs, "dus"), timeout=TIMEOUT)
+            for _ in range(3):
+                prober.probe_all()
+            gone = RttProber({"fra": "127.0.0.1"}, closed.getsockname()[1],
+                             _agent_tls(certs, "dus"), timeout=TIMEOUT)
+            gone.probe_all()
+        finally:
+            fra.stop()
+    registry = AllowlistRegistry()
+    registry.register(RttCollector(prober))
+    text = generate_latest(registry).decode()
+    assert 'privedge_dc_rtt_seconds_count{peer_dc="fra"} 3.0' in text
+    assert 'privedge_dc_rtt_seconds_bucket{le="1.0",peer_dc="fra"} 3.0' in text
+    assert 'privedge_dc_rtt_probe_failures_total{peer_dc="fra"} 0.0' in text
+    assert 'privedge_dc_rtt_seconds_count{peer_dc="iad"} 0.0' in text
+    assert 'privedge_dc_rtt_probe_failures_total{peer_dc="iad"} 3.0' in text
+    assert gone.snapshot()["fra"]["failures"] == 1
