@@ -12,6 +12,7 @@ APT_PACKAGES=(
   nftables xdp-tools tcpdump ethtool python3-venv python3-dev gcc make
   iputils-ping util-linux curl ruby vagrant
   nginx-light libnginx-mod-http-modsecurity modsecurity-crs wrk testssl.sh
+  prometheus
 )
 
 phase() { printf '\n== setup: %s\n' "$*"; }
