@@ -8,6 +8,8 @@ and one `serve` config for the L7 side:
     <state>/<dc>/inet0.yaml   role public:   bogon filter, denylist, steering
     <state>/<dc>/bb0.yaml     role backbone: decapsulation, steering
     <state>/<dc>/serve.yaml   TLS listener: zones, certificates, status socket
+    <state>/<dc>/metrics.yaml /metrics over mTLS on the backbone, RTT probes of
+                              the other DCs (with the network PKI, control/pki.py)
 
 The namespace lab (lab/cluster.py) and the VMs (`python -m lab generate`)
 both call `dc_configs`; only interface names and paths differ.
@@ -21,11 +23,13 @@ from pathlib import Path
 
 import yaml
 
+from core.prometheus import METRICS_PORT
 from lab.topology import Topology, Zone
 from lab.twons import LAB_BOGONS
 
 DENY4_EXACT = 65536         # the lab's denylist is tiny: small maps load fast
 LAB_CACHE_MEMORY = 4 << 20
+RTT_INTERVAL = 2.0          # seconds: a lab run is short
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class DcPaths:
     certs: str
     status_socket: str
     cache_dir: str                   # encrypted cache spill (nothing else is written)
+    netpki: str | None = None        # the network PKI (privedge-pki); None: no metrics
 
 
 def lab_paths(dc: str, prefix: str, state_dir: Path, topology: Topology) -> DcPaths:
@@ -47,7 +52,7 @@ def lab_paths(dc: str, prefix: str, state_dir: Path, topology: Topology) -> DcPa
     return DcPaths(ifnames={s.name: s.ifname for s in topology.segments}, netns=f"{prefix}{dc}",
                    bpffs=f"/sys/fs/bpf/privedge-{prefix}{dc}", run_dir=str(d / "run"),
                    certs=str(state_dir / "pki"), status_socket=str(d / "l7.sock"),
-                   cache_dir=str(d / "cache"))
+                   cache_dir=str(d / "cache"), netpki=str(state_dir / "netpki"))
 
 
 def steering(topology: Topology, dc: str, backbone_ifname: str) -> dict:
@@ -122,12 +127,31 @@ def serve_config(topology: Topology, dc: str, paths: DcPaths, port: int = 443,
     }
 
 
+def metrics_config(topology: Topology, dc: str, netpki: str) -> dict:
+    """/metrics on the DC's backbone address (core's Prometheus scrapes it),
+    and RTT probes of every other DC's."""
+    bb = topology.backbone.name
+    pki = Path(netpki)
+    return {
+        "listen": str(topology.dc(dc).link(bb).v4),
+        "port": METRICS_PORT,
+        "cert": str(pki / "agents" / f"{dc}.crt"),
+        "key": str(pki / "agents" / f"{dc}.key"),
+        "ca": str(pki / "ca.crt"),
+        "rtt": {"interval": RTT_INTERVAL, "port": METRICS_PORT,
+                "peers": {d.name: str(d.link(bb).v4) for d in topology.dcs if d.name != dc}},
+    }
+
+
 def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
     """File name -> content: one node config per link, named after the
-    namespace lab's interface (inet0.yaml, bb0.yaml), then serve.yaml."""
+    namespace lab's interface (inet0.yaml, bb0.yaml), then serve.yaml, and
+    metrics.yaml when there is a network PKI."""
     out = {f"{seg.ifname}.yaml": link_config(topology, dc, seg.name, paths)
            for seg in (topology.public, topology.backbone)}
     out["serve.yaml"] = serve_config(topology, dc, paths)
+    if paths.netpki is not None:
+        out["metrics.yaml"] = metrics_config(topology, dc, paths.netpki)
     return out
 
 

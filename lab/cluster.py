@@ -40,10 +40,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import yaml
 from pyroute2 import IPRoute, NetNS
 from pyroute2 import netns as pyroute2_netns
 
-from lab import netns
+from lab import netns, services
+from lab.services import Service
 from lab.topology import Node, Topology, dump_topology
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +58,11 @@ TABLE_MAIN, TABLE_LOCAL = 254, 255
 PROVISION_TIMEOUT = 120.0
 AGENT_READY_TIMEOUT = 120.0
 ORIGIN_READY_TIMEOUT = 20.0
+PROMETHEUS = "/usr/bin/prometheus"    # Debian's package (scripts/setup.sh)
+PROMETHEUS_WEB = "127.0.0.1:9090"     # in the core's namespace: query it there
+PROMETHEUS_INTERVAL = 2.0             # seconds between scrapes: a lab run is short
+PROMETHEUS_READY_TIMEOUT = 30.0
+LAB_OPERATORS = {"lab-admin": "admin"}
 AGENT_STOP_TIMEOUT = 30.0
 
 
@@ -617,7 +624,7 @@ class Lab:
         argv = [self.python, "-m", "agent.daemon", "run"]
         for f in links:
             argv += ["--config", str(d / f)]
-        return [*argv, "--serve", str(d / "serve.yaml")]
+        return [*argv, "--serve", str(d / "serve.yaml"), "--metrics", str(d / "metrics.yaml")]
 
     def _is_agent(self, pid: int, dc: str) -> bool:
         """PID is alive and is the agent of this DC (checked by its command line)."""
@@ -645,6 +652,8 @@ class Lab:
             make_lab_pki(pki, pki_zones(self.topology))
             changes.append(f"lab PKI in {pki}")
         changes += self._origin_up(pki, make_lab_pki)
+        netpki, issued = self._network_pki()
+        changes += issued
         starting: dict[str, tuple[subprocess.Popen, int]] = {}
         for dc in self.topology.dc_names():
             d = self.dc_dir(dc)
@@ -674,25 +683,55 @@ class Lab:
                 tail = "\n    ".join(text.strip().splitlines()[-15:])
                 raise LabError(f"agent of {dc} {why} (log {log}):\n    {tail}\n"
                                f"stop what started with: python -m lab down")
-        return changes
+        return changes + self._core_up(netpki)
 
-    # -- the origin server (lab/origin.py) on its host
+    # -- servers on hosts: the origin, and the core's Prometheus (lab/services.py)
 
-    def _origin_pid_file(self) -> Path:
-        return self.state_dir / "origin.pid"
+    def origin_service(self, pki: Path) -> Service | None:
+        """lab/origin.py over TLS, a certificate for its name from the lab CA."""
+        o = self.topology.origin
+        if o is None:
+            return None
+        link = self.topology.node(o.host).link(self.topology.public.name)
+        argv = [self.python, "-m", "lab.origin", "--port", str(o.port),
+                "--cert", str(pki / "origin.crt"), "--key", str(pki / "origin.key")]
+        for ip in (link.v4, link.v6):
+            if ip is not None:
+                argv += ["--listen", str(ip)]
+        return Service("origin", self.ns(o.host), tuple(argv), self.state_dir, "listening on",
+                       "lab.origin", ORIGIN_READY_TIMEOUT)
+
+    def prometheus_service(self) -> Service | None:
+        """Debian's prometheus in the core's namespace, its config generated
+        from the topology (core/prometheus.py); its web API on the core's
+        loopback only, so nothing but TLS crosses the backbone."""
+        if "core" not in {n.name for n in self.topology.hosts}:
+            return None
+        d = self.state_dir / "prometheus"
+        argv = [PROMETHEUS, f"--config.file={d / 'prometheus.yml'}",
+                f"--storage.tsdb.path={d / 'data'}", f"--web.listen-address={PROMETHEUS_WEB}",
+                "--storage.tsdb.retention.time=1d", "--web.enable-lifecycle"]
+        return Service("prometheus", self.ns("core"), tuple(argv), self.state_dir,
+                       "Server is ready to receive web requests", "prometheus",
+                       PROMETHEUS_READY_TIMEOUT)
+
+    def service_pid(self, service: Service | None) -> int | None:
+        return None if service is None else services.running(service, _cmdline, _alive)
 
     def origin_pid(self) -> int | None:
         """The PID of the lab's origin server, if that process is still ours."""
+        return self.service_pid(self.origin_service(self.state_dir / "pki"))
+
+    def _service_up(self, service: Service | None) -> list[str]:
+        if service is None or self.service_pid(service) is not None:
+            return []
         try:
-            pid = int(self._origin_pid_file().read_text().strip())
-        except (OSError, ValueError):
-            return None
-        cmd = _cmdline(pid)
-        return pid if _alive(pid) and "lab.origin" in cmd and str(self.state_dir) in cmd \
-            else None
+            pid = services.start(service, _env(), ROOT, _wait_for_line)
+        except RuntimeError as e:
+            raise LabError(str(e)) from None
+        return [f"{service.namespace}: {service.name} started (pid {pid})"]
 
     def _origin_up(self, pki: Path, make_lab_pki: Callable[..., Path]) -> list[str]:
-        """Start the origin (TLS, a certificate for its name from the lab CA)."""
         o = self.topology.origin
         if o is None or self.origin_pid() is not None:
             return []
@@ -700,33 +739,39 @@ class Lab:
         if not (pki / "origin.crt").exists():
             make_lab_pki(pki, {"origin": [o.name]})
             changes.append(f"origin certificate for {o.name} in {pki}")
-        node = self.topology.node(o.host)
-        link = node.link(self.topology.public.name)
-        argv = [self.python, "-m", "lab.origin", "--port", str(o.port),
-                "--cert", str(pki / "origin.crt"), "--key", str(pki / "origin.key")]
-        for ip in (link.v4, link.v6):
-            if ip is not None:
-                argv += ["--listen", str(ip)]
-        log = self.state_dir / "origin.log"
-        with open(log, "a") as f:
-            offset = f.tell()
-            p = subprocess.Popen(netns.nsenter(self.ns(o.host), argv), stdout=f,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT,
-                                 env=_env(), start_new_session=True)
-        self._origin_pid_file().write_text(f"{p.pid}\n")
-        ready, text = _wait_for_line(log, offset, p, "listening on",
-                                     time.monotonic() + ORIGIN_READY_TIMEOUT)
-        if not ready:
-            raise LabError(f"the origin server did not start (log {log}):\n    "
-                           + "\n    ".join(text.strip().splitlines()[-10:]))
-        return [*changes, f"{self.ns(o.host)}: origin server started (pid {p.pid})"]
+        return changes + self._service_up(self.origin_service(pki))
 
-    def _origin_down(self, removed: list[str]) -> None:
-        pid = self.origin_pid()
-        if pid is None:
-            return
-        _terminate(pid, lambda: self.origin_pid() == pid)
-        removed.append(f"origin server (pid {pid})")
+    def _network_pki(self) -> tuple[Path, list[str]]:
+        """The network's own PKI (control/pki.py): agents, core, Prometheus."""
+        from control import pki
+        d = self.state_dir / "netpki"
+        issued = pki.run(d, pki.plan_from_topology(self.topology_file, LAB_OPERATORS))
+        return d, [f"network PKI: {party.path} ({why})" for party, why in issued]
+
+    def _core_up(self, netpki: Path) -> list[str]:
+        """Prometheus in the core's namespace, scraping every DC over mTLS."""
+        from core.prometheus import prometheus_config
+        service = self.prometheus_service()
+        if service is None:
+            return []
+        d = self.state_dir / "prometheus"
+        d.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(prometheus_config(self.topology, netpki, PROMETHEUS_INTERVAL),
+                              sort_keys=False)
+        config = d / "prometheus.yml"
+        changes = []
+        if not config.exists() or config.read_text() != text:
+            config.write_text(text)
+            changes.append(f"wrote {config}")
+        return changes + self._service_up(service)
+
+    def _services_down(self, removed: list[str]) -> None:
+        for service in (self.prometheus_service(), self.origin_service(self.state_dir / "pki")):
+            pid = self.service_pid(service)
+            if pid is None:
+                continue
+            _terminate(pid, lambda s=service, pid=pid: self.service_pid(s) == pid)
+            removed.append(f"{service.name} (pid {pid})")
 
     def restart_agent(self, dc: str) -> list[str]:
         """Stop a DC's agent (its programs stay attached) and start it again:
@@ -823,7 +868,7 @@ class Lab:
             if "agent.daemon" in _cmdline(pid):
                 _terminate(pid, lambda pid=pid: _alive(pid) and "agent.daemon" in _cmdline(pid))
                 removed.append(f"unrecorded agent in {name} (pid {pid}, {dc})")
-        self._origin_down(removed)
+        self._services_down(removed)
         for dc in dcs:
             self._detach(dc, removed, errors)
         for name in names:      # hosts first: their veths go with them
@@ -887,6 +932,9 @@ class Lab:
                 pid = self.agent_pid(node.name)
                 info["agent"] = {"pid": pid, "alive": pid is not None}
             out["namespaces"][name] = info
+        out["services"] = {svc.name: self.service_pid(svc)
+                           for svc in (self.origin_service(self.state_dir / "pki"),
+                                       self.prometheus_service()) if svc is not None}
         return out
 
     @staticmethod

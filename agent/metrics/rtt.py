@@ -112,9 +112,10 @@ class RttProber:
                     for dc, p in self._peers.items()}
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # The first round waits an interval too: DCs started together are
+        # then listening, and a start-up is not counted as a peer failing.
+        while not self._stop.wait(self.interval):
             self.probe_all()
-            self._stop.wait(self.interval)
 
 
 class RttCollector:

@@ -197,7 +197,16 @@ def iad(topo, tmp_path_factory):
 
 
 def test_dc_gets_two_link_configs_and_a_serve_config(iad) -> None:
-    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml"]
+    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml", "metrics.yaml"]
+
+
+def test_metrics_listen_on_the_backbone_and_probe_the_other_dcs(iad) -> None:
+    from agent.metrics.config import MetricsConfig
+
+    state, cfgs = iad
+    m = MetricsConfig.model_validate(cfgs["metrics.yaml"])
+    assert m.listen == "198.18.0.3" and m.cert == state / "netpki" / "agents" / "iad.crt"
+    assert m.rtt is not None and m.rtt.peers == {"dus": "198.18.0.1", "fra": "198.18.0.2"}
 
 
 def test_link_configs(iad) -> None:
@@ -285,7 +294,8 @@ def test_pki_zones(topo) -> None:
 
 def test_write_configs_writes_only_what_changed(iad, tmp_path) -> None:
     _, cfgs = iad
-    assert write_configs(tmp_path, cfgs) == ["inet0.yaml", "bb0.yaml", "serve.yaml"]
+    assert write_configs(tmp_path, cfgs) == ["inet0.yaml", "bb0.yaml", "serve.yaml",
+                                            "metrics.yaml"]
     assert write_configs(tmp_path, cfgs) == []
     assert yaml.safe_load((tmp_path / "serve.yaml").read_text()) == cfgs["serve.yaml"]
 
