@@ -1,12 +1,14 @@
 """privedge-agent: bring a DC's links under protection and look after them.
 
   privedge-agent run --config inet0.yaml [--config bb0.yaml] [--serve serve.yaml]
-                     [--metrics metrics.yaml]
+                     [--metrics metrics.yaml] [--logs logs.yaml]
         start (or adopt) every link, then stay: SIGHUP reloads each config as a
         new generation (and restarts the front end), SIGTERM/SIGINT exit and
         leave the programs attached. --serve runs the TLS front end with the
         Regional Services guard (agent/l7). --metrics serves /metrics over
-        mTLS (agent/metrics); SIGHUP also reloads its certificates.
+        mTLS (agent/metrics). --logs ships customer logs and the operations
+        sample to the core over mTLS (agent/logs). SIGHUP also reloads the
+        certificates of both; logs.yaml itself is read at start.
   privedge-agent check --config node.yaml   validate config and lists; change nothing
   privedge-agent detach IFACE               remove program, pins and state
 
@@ -34,6 +36,9 @@ from agent.l7.cache import Cache, CacheDirError
 from agent.l7.config import load_serve_config
 from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
+from agent.logs.config import LogsConfig, load_logs_config
+from agent.logs.metrics import LogsCollector
+from agent.logs.service import LogService
 from agent.maps import LayoutError
 from agent.metrics.config import MetricsConfig, load_metrics_config
 from agent.metrics.l7 import L7Collector
@@ -46,6 +51,7 @@ from agent.xdp_link import LinkError
 
 SWEEP_SECONDS = 1.0
 NEIGHBOUR_SECONDS = 5.0
+LOGS_STOP_SECONDS = 5.0
 FAILURES = (ConfigError, PrefixError, CapacityError, NodeError, LayoutError, LinkError,
             BuildError, BpfError, ServeError, CacheDirError)
 
@@ -128,7 +134,7 @@ class Agent:
     """Every link of a DC, the TLS front end, and the backbone neighbours."""
 
     def __init__(self, config_paths: list[str], serve_path: str | None = None,
-                 metrics_path: str | None = None) -> None:
+                 metrics_path: str | None = None, logs_path: str | None = None) -> None:
         self.links = [Link(p) for p in config_paths]
         names = [link.cfg.interface for link in self.links]
         if len(set(names)) != len(names):
@@ -143,6 +149,8 @@ class Agent:
         self.metrics_cfg: MetricsConfig | None = (load_metrics_config(metrics_path)
                                                   if metrics_path else None)
         self.metrics: MetricsService | None = None
+        self.logs_cfg: LogsConfig | None = load_logs_config(logs_path) if logs_path else None
+        self.logs: LogService | None = None
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -156,11 +164,34 @@ class Agent:
             self.cache = None
         if self.cache is None:
             self.cache = Cache(self.serve_cfg.cache_store)
-        self.front = run_in_thread(self.serve_cfg, cache=self.cache)
+        logs = self.logs
+        self.front = run_in_thread(
+            self.serve_cfg, cache=self.cache,
+            logs=logs.submitters(self.serve_cfg) if logs else None,
+            sample=logs.sampling() if logs else None)
         where = ", ".join(f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
                           for a, p in self.front.addresses)
         phase("serve", f"TLS front end of {self.serve_cfg.dc} (region {self.serve_cfg.region}) "
                        f"on {where}")
+
+    def start_logs(self) -> None:
+        """The shippers of customer logs and the sample, before the front end
+        that feeds them; they connect to the core when there is a batch."""
+        if self.logs_cfg is None:
+            return
+        self.logs = LogService(self.logs_cfg, self.serve_cfg).start()
+        zones = ", ".join(self.logs_cfg.zones) or "no zone"
+        phase("logs", f"customer logs of {zones}; sample rate {self.logs_cfg.sample.rate:g}"
+                      f" to {self.logs_cfg.sample_core or 'nowhere'}")
+
+    def reload_logs(self) -> None:
+        """SIGHUP: the certificates again (the PKI reissued them in place)."""
+        if self.logs is None:
+            return
+        try:
+            self.logs.reload()
+        except (OSError, ssl.SSLError) as e:
+            phase("reload", f"log certificates refused, the old ones stay: {e}")
 
     def start_metrics(self) -> None:
         """/metrics over mTLS: the started links' XDP counters and the front
@@ -169,7 +200,8 @@ class Agent:
             return
         collectors = [
             XdpCollector({link.cfg.interface: link.node for link in self.links}),
-            L7Collector(lambda: self.front.server.counters if self.front else None)]
+            L7Collector(lambda: self.front.server.counters if self.front else None),
+            LogsCollector(lambda: self.logs.router if self.logs else None)]
         self.metrics = MetricsService(self.metrics_cfg, collectors).start()
         address, port = self.metrics.address
         rtt = self.metrics_cfg.rtt
@@ -245,6 +277,7 @@ class Agent:
         for link in self.links:
             link.start()
         self.warm_neighbours()
+        self.start_logs()
         self.start_front()
         self.start_metrics()
         phase("ready", f"{len(self.links)} link(s) protected"
@@ -256,6 +289,7 @@ class Agent:
                 self.reload_links()
                 self.reload_front()
                 self.reload_metrics()
+                self.reload_logs()
             for link in self.links:
                 link.sweep()
             if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:
@@ -265,6 +299,8 @@ class Agent:
             self.metrics.stop()
         if self.front:
             self.front.stop()
+        if self.logs is not None:
+            self.logs.stop(LOGS_STOP_SECONDS)   # what the core has not taken yet, bounded
         if self.cache is not None:
             self.cache.close()
         for link in self.links:
@@ -296,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="a link's node config; repeat for each link of the DC")
     r.add_argument("--serve", help="the TLS front end's config (agent/l7)")
     r.add_argument("--metrics", help="where to serve /metrics over mTLS (agent/metrics)")
+    r.add_argument("--logs", help="where customer logs and the sample go (agent/logs)")
     c = sub.add_parser("check", help="validate the config; change nothing")
     c.add_argument("--config", required=True)
     d = sub.add_parser("detach", help="remove the program, pins and state of an interface")
@@ -306,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
-            return Agent(args.config, args.serve, args.metrics).run()
+            return Agent(args.config, args.serve, args.metrics, args.logs).run()
         if args.cmd == "check":
             return check(args.config)
         found = loader.detach(args.iface, args.bpffs, args.run_dir, args.netns, phase)

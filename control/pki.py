@@ -1,7 +1,7 @@
 """The network's private PKI: one CA, a certificate for every party of mTLS.
 
     privedge-pki DIR [--topology lab/topology.yaml] [--operator NAME=ROLE ...]
-                     [--rotate] [--dry-run]
+                     [--zone NAME ...] [--rotate] [--dry-run]
     privedge-pki DIR --show                  (or: python -m control.pki ...)
 
 Writes DIR/ca.crt and DIR/ca.key (made once, then reused: everything that
@@ -16,6 +16,10 @@ the network config names:
   prometheus.crt|key      the core's Prometheus: client (it scrapes agents)
   operators/<name>.crt|key  operators: client; the role (viewer, operator,
                           admin) is the certificate's organizationalUnitName
+  zones/<zone>.crt|key    a zone's log reader: client, organizationalUnitName
+                          "zone", CN <zone>.zone.privedge.internal; the core's
+                          log store serves a zone's logs to it alone (every
+                          zone of the topology, and each --zone)
 
 Keys are ECDSA P-256, written 0600 and atomically (a reader never sees half
 a key); certificates 0644, valid 90 days. A run issues what is missing or
@@ -49,6 +53,7 @@ RENEW_BEFORE = dt.timedelta(days=30)
 BACKDATE = dt.timedelta(hours=1)  # tolerate clocks of other namespaces/VMs a little behind
 DOMAIN = "privedge.internal"      # names of the network's own parties (never a customer's)
 ROLES = ("viewer", "operator", "admin")
+ZONE_UNIT = "zone"                # organizationalUnitName of a zone's log reader
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 LeafKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -193,7 +198,7 @@ class Party:
     ips: tuple[IPAddress, ...] = ()
     server: bool = False
     client: bool = False
-    role: str | None = None         # operators: the organizationalUnitName
+    role: str | None = None         # operators, zone readers: the organizationalUnitName
 
 
 def operator_roles(specs: Iterable[str]) -> dict[str, str]:
@@ -211,9 +216,25 @@ def operator_roles(specs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def zone_names(names: Iterable[str]) -> list[str]:
+    """Zone names for reader certificates, sorted, once each; PkiError names a bad one."""
+    out: set[str] = set()
+    for name in names:
+        if not _NAME.match(name):
+            raise PkiError(f"zone {name!r}: a zone name is 1-63 of a-z, 0-9 and '-'")
+        out.add(name)
+    return sorted(out)
+
+
+def zone_reader_cn(zone: str) -> str:
+    """The CN of a zone's log reader certificate (core/ checks it)."""
+    return f"{zone}.{ZONE_UNIT}.{DOMAIN}"
+
+
 def plan(dcs: dict[str, Sequence[IPAddress]], core_ips: Sequence[IPAddress],
-         operators: dict[str, str]) -> list[Party]:
-    """Every certificate for these DCs (name → addresses), core and operators."""
+         operators: dict[str, str], zones: Iterable[str] = ()) -> list[Party]:
+    """Every certificate for these DCs (name → addresses), core, operators
+    and zone log readers."""
     parties = [Party(f"agents/{dc}", f"{dc}.dc.{DOMAIN}", (f"{dc}.dc.{DOMAIN}",), tuple(ips),
                      server=True, client=True) for dc, ips in sorted(dcs.items())]
     parties.append(Party("core/core", f"core.{DOMAIN}", (f"core.{DOMAIN}",), tuple(core_ips),
@@ -221,11 +242,15 @@ def plan(dcs: dict[str, Sequence[IPAddress]], core_ips: Sequence[IPAddress],
     parties.append(Party("prometheus", f"prometheus.core.{DOMAIN}", client=True))
     parties += [Party(f"operators/{name}", name, client=True, role=role)
                 for name, role in sorted(operators.items())]
+    parties += [Party(f"zones/{zone}", zone_reader_cn(zone), client=True, role=ZONE_UNIT)
+                for zone in zone_names(zones)]
     return parties
 
 
-def plan_from_topology(path: Path, operators: dict[str, str]) -> list[Party]:
-    """The parties of a lab topology file (lab/topology.yaml's schema)."""
+def plan_from_topology(path: Path, operators: dict[str, str],
+                       zones: Iterable[str] = ()) -> list[Party]:
+    """The parties of a lab topology file (lab/topology.yaml's schema): a
+    reader for each of its zones, and for each of `zones` besides."""
     from lab.topology import TopologyError, load_topology  # the network config's loader
     try:
         topo = load_topology(path)
@@ -236,7 +261,8 @@ def plan_from_topology(path: Path, operators: dict[str, str]) -> list[Party]:
 
     if "core" not in {n.name for n in topo.nodes}:
         raise PkiError(f"{path}: no host named core")
-    return plan({dc: addresses(dc) for dc in topo.dc_names()}, addresses("core"), operators)
+    return plan({dc: addresses(dc) for dc in topo.dc_names()}, addresses("core"), operators,
+                [z.name for z in topo.zones] + list(zones))
 
 
 # --------------------------------------------------------------------------- running
@@ -301,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the network config (default: the lab's)")
     p.add_argument("--operator", action="append", default=[], metavar="NAME=ROLE",
                    help=f"an operator certificate; ROLE one of {', '.join(ROLES)}")
+    p.add_argument("--zone", action="append", default=[], metavar="NAME",
+                   help="a zone log reader certificate besides the topology's zones")
     p.add_argument("--rotate", action="store_true", help="reissue every certificate (same CA)")
     p.add_argument("--dry-run", action="store_true", help="say what would be issued; write nothing")
     p.add_argument("--show", action="store_true", help="list the certificates in DIR")
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe(crt))
         return 0
     try:
-        parties = plan_from_topology(a.topology, operator_roles(a.operator))
+        parties = plan_from_topology(a.topology, operator_roles(a.operator), a.zone)
         done = run(a.dir, parties, rotate=a.rotate, dry_run=a.dry_run)
     except PkiError as e:
         print(f"privedge-pki: {e}", file=sys.stderr)

@@ -189,15 +189,6 @@ class HstsCfg(Frozen):
                           *(["preload"] if self.preload else [])])
 
 
-class ZoneLogs(Frozen):
-    """The zone's customer logs (agent/logs/): a record per request, shipped
-    to the core; `region`: the log region whose core alone may receive them
-    (None: the default core)."""
-
-    enabled: bool = False
-    region: Name | None = None
-
-
 class Zone(Frozen):
     """A customer zone as the L7 front end sees it."""
 
@@ -215,7 +206,6 @@ class Zone(Frozen):
     cache: CacheZoneSettings = CacheZoneSettings()
     waf: WafSettings = WafSettings()
     hsts: HstsCfg | None = None      # None: no HSTS header (the zone's owner decides)
-    logs: ZoneLogs = ZoneLogs()
 
     @property
     def regional(self) -> bool:

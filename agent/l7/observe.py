@@ -8,35 +8,39 @@ each request's Host), the client's address and the TLS version. Then:
   metrics    always: the zone's count by status class and cache status,
              and its response time histogram (agent/l7/counters.py), labels
              from closed sets only
-  logs       for zones that keep customer logs: one record tuple in
-             agent/logs/records.py LOG_FIELDS order, handed to the log
-             router, which ships it to the zone's log region's core
-  sample     for every request, a CSPRNG draw; a sampled one becomes a
-             sample record (no path, host or user agent) whose client is a
-             keyed HMAC pseudonym, never the address
+  logs       for zones that keep customer logs (agent/logs/config.py): one
+             record tuple in agent/logs/records.py LOG_FIELDS order, handed
+             to the shipper of the zone's log region's core
+  sample     for every request, a CSPRNG draw (agent/logs/sampler.py); a
+             sampled one becomes a sample record (SAMPLE_FIELDS: no path,
+             host or user agent) whose client is a keyed HMAC pseudonym,
+             never the address
 
-Everything past the metrics is one tuple built and one deque append on the
-event loop; encoding, compression and shipping run in the shippers' threads.
+Past the metrics, a request costs one tuple and one deque append on the
+event loop; checking, encoding, compression and shipping run in the
+shippers' threads (agent/logs/shipper.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from agent.l7.counters import Counters
 from agent.l7.http1 import Request, Response
 
-
-class LogSink(Protocol):
-    def submit(self, zone: str, record: tuple) -> None: ...
+Submit = Callable[[tuple], None]
 
 
-class SampleSink(Protocol):
-    def draw(self) -> bool: ...
-    def pseudonym(self, address: str) -> tuple[str, str]: ...
-    def submit(self, record: tuple) -> None: ...
+@dataclass(frozen=True)
+class Sampling:
+    """The operations sample: a draw per request, the pseudonym of a sampled
+    one's client, and where its record goes."""
+
+    draw: Callable[[], bool]
+    pseudonym: Callable[[str], tuple[str, str]]    # address -> (pseudonym, key period)
+    submit: Submit
 
 
 def user_agent(headers: tuple[tuple[str, str], ...]) -> str:
@@ -47,14 +51,15 @@ def user_agent(headers: tuple[tuple[str, str], ...]) -> str:
 
 
 class Observer:
-    """One per front end; `bind` makes a connection's Observe callable."""
+    """One per front end; `bind` makes a connection's Observe callable.
 
-    def __init__(self, dc: str, counters: Counters, logs: LogSink | None = None,
-                 log_zones: Collection[str] = (), sample: SampleSink | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    `logs`: zone -> the submit of its log shipper, for the zones that keep
+    customer logs; `sample`: None when the sample is off."""
+
+    def __init__(self, dc: str, counters: Counters, logs: Mapping[str, Submit] | None = None,
+                 sample: Sampling | None = None, clock: Callable[[], float] = time.time) -> None:
         self.dc, self.counters, self.clock = dc, counters, clock
-        self.logs = logs
-        self.log_zones = frozenset(log_zones) if logs is not None else frozenset()
+        self.logs = dict(logs or {})
         self.sample = sample
 
     def bind(self, zone: str, client: str, tls_version: str
@@ -67,16 +72,14 @@ class Observer:
     def finished(self, zone: str, client: str, tls_version: str, request: Request,
                  response: Response, sent: int, seconds: float) -> None:
         self.counters.response(zone, response.status, response.cache, seconds)
-        if zone in self.log_zones:
-            self.logs.submit(zone, (  # type: ignore[union-attr]
-                round(self.clock(), 3), zone, self.dc, request.method,
-                (request.host or "").lower(), request.target, response.status, sent,
-                response.cache.lower(), str(response.action), client,
-                user_agent(request.headers)))
+        submit = self.logs.get(zone)
+        if submit is not None:
+            submit((self.clock(), zone, self.dc, request.method, request.host or "",
+                    request.target, response.status, sent, response.cache, response.action,
+                    client, user_agent(request.headers)))
         sample = self.sample
         if sample is not None and sample.draw():
             pseudonym, period = sample.pseudonym(client)
-            sample.submit((
-                round(self.clock(), 3), self.dc, zone, request.method, response.status, sent,
-                response.cache.lower(), str(response.action), round(seconds * 1000, 3),
-                tls_version, pseudonym, period))
+            sample.submit((self.clock(), self.dc, zone, request.method, response.status, sent,
+                           response.cache, response.action, seconds * 1000, tls_version,
+                           pseudonym, period))

@@ -59,7 +59,7 @@ import stat
 import struct
 import sys
 import threading
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -72,7 +72,7 @@ from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
 from agent.l7.http1 import Http1Protocol, Limits, Observe, Request, Response
-from agent.l7.observe import LogSink, Observer, SampleSink
+from agent.l7.observe import Observer, Sampling, Submit
 from agent.l7.proxy import ZoneProxy
 
 log = logging.getLogger("privedge.l7")
@@ -286,12 +286,12 @@ class L7Server:
     """The asyncio front end for one ServeConfig; the only I/O of agent/l7."""
 
     def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
-                 cache: Cache | None = None, logs: LogSink | None = None,
-                 sample: SampleSink | None = None) -> None:
+                 cache: Cache | None = None, logs: Mapping[str, Submit] | None = None,
+                 sample: Sampling | None = None) -> None:
         """Build the guard and load the certificates; ServeError lists problems.
 
-        `logs`, `sample`: where answered requests' records go (agent/l7/observe.py);
-        None: counted in the metrics only.
+        `logs` (zone -> its log shipper's submit), `sample`: where answered
+        requests' records go (agent/l7/observe.py); None: metrics only.
 
         `cache`: a store that outlives this server (the daemon keeps one
         across reloads); without it, start() makes one and stop() empties it.
@@ -301,8 +301,7 @@ class L7Server:
         self.guard = Guard(cfg)
         self.counters = counters or Counters(z.name for z in cfg.zones)
         self.limits = Limits(**cfg.http.model_dump(), idle_timeout=cfg.idle_timeout)
-        self.observer = Observer(cfg.dc, self.counters, logs,
-                                 [z.name for z in cfg.zones if z.logs.enabled], sample)
+        self.observer = Observer(cfg.dc, self.counters, logs, sample)
         self._contexts = load_zone_contexts(cfg.certs_dir, self.guard.servable,
                                             cfg.tls_resumption)
         self._zone_of = {ctx: name for name, ctx in self._contexts.items()}
@@ -619,8 +618,8 @@ class ServerThread:
     """
 
     def __init__(self, cfg: ServeConfig, counters: Counters | None = None,
-                 cache: Cache | None = None, logs: LogSink | None = None,
-                 sample: SampleSink | None = None) -> None:
+                 cache: Cache | None = None, logs: Mapping[str, Submit] | None = None,
+                 sample: Sampling | None = None) -> None:
         # certificate problems raise here
         self.server = L7Server(cfg, counters, cache, logs, sample)
         self._ready = threading.Event()
@@ -679,7 +678,7 @@ class ServerThread:
 
 def run_in_thread(cfg: ServeConfig, counters: Counters | None = None,
                   timeout: float = 10.0, cache: Cache | None = None,
-                  logs: LogSink | None = None, sample: SampleSink | None = None
+                  logs: Mapping[str, Submit] | None = None, sample: Sampling | None = None
                   ) -> ServerThread:
     """Start an L7Server in a thread; returns once it listens. Stop with .stop()."""
     return ServerThread(cfg, counters, cache, logs, sample).start(timeout)

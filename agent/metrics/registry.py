@@ -30,6 +30,8 @@ LABELS = frozenset({
     "error",          # request errors: an enum
     "tls_version",    # TLSv1.2, TLSv1.3, other
     "le",             # histogram buckets (prometheus_client adds it)
+    "stream",         # the log shippers' streams: logs, sample (agent/logs)
+    "core",           # a core's name in logs.yaml
 })
 
 

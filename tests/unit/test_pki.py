@@ -26,7 +26,7 @@ def issued(tmp_path: Path) -> Path:
     done = pki.run(d, pki.plan_from_topology(TOPOLOGY, OPERATORS))
     assert {p.path for p, why in done} == {"agents/dus", "agents/fra", "agents/iad",
                                             "core/core", "prometheus", "operators/alice",
-                                            "operators/bob"}
+                                            "operators/bob", "zones/www", "zones/shop-eu"}
     assert all(why == "missing" for _, why in done)
     return d
 
@@ -64,7 +64,7 @@ def test_every_party_gets_its_names_uses_and_role(issued: Path) -> None:
 
 def test_keys_are_0600_and_certificates_0644(issued: Path) -> None:
     keys = sorted(issued.rglob("*.key"))
-    assert len(keys) == 8  # the CA and seven parties
+    assert len(keys) == 10  # the CA and nine parties
     for key in keys:
         assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
     for crt in issued.rglob("*.crt"):
@@ -197,3 +197,36 @@ def test_the_cli_issues_shows_and_refuses(tmp_path: Path, capsys) -> None:
     assert "CN=carol,OU=operator,O=privedge [client] role=operator" in capsys.readouterr().out
     assert pki.main([str(d), "--topology", str(tmp_path / "none.yaml")]) == 1
     assert "none.yaml" in capsys.readouterr().err
+
+
+def test_every_topology_zone_gets_a_reader_certificate(issued: Path) -> None:
+    for zone in ("www", "shop-eu"):
+        cert = _cert(issued, f"zones/{zone}")
+        assert _uses(cert) == {"client"}
+        assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value \
+            == "zone"
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value \
+            == f"{zone}.zone.privedge.internal"
+        cert.verify_directly_issued_by(_cert(issued, "ca"))
+    ok, seen = _mtls(issued, "agents/dus", "zones/www")
+    assert ok
+    assert dict(x[0] for x in seen[0]["subject"])["organizationalUnitName"] == "zone"
+
+
+def test_zone_readers_by_name_and_bad_names_refused(tmp_path: Path, capsys) -> None:
+    parties = pki.plan({"dus": []}, [], {}, ["b-zone", "a", "b-zone"])
+    zones = [p for p in parties if p.path.startswith("zones/")]
+    assert [(p.path, p.common_name, p.role, p.client, p.server) for p in zones] == [
+        ("zones/a", "a.zone.privedge.internal", "zone", True, False),
+        ("zones/b-zone", "b-zone.zone.privedge.internal", "zone", True, False)]
+    with pytest.raises(pki.PkiError, match=r"'Bad\.Zone': a zone name is"):
+        pki.plan({"dus": []}, [], {}, ["Bad.Zone"])
+    d = tmp_path / "pki"
+    assert pki.main([str(d), "--zone", "extra"]) == 0
+    out = capsys.readouterr().out
+    assert "issued zones/extra (missing)" in out and "issued zones/www (missing)" in out
+    assert pki.main([str(d), "--show"]) == 0
+    assert "CN=extra.zone.privedge.internal,OU=zone,O=privedge [client] role=zone" in \
+        capsys.readouterr().out
+    assert pki.main([str(d), "--zone", "no/slash"]) == 1
+    assert "a zone name is" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""agent/logs/sampler.py: the operations sample's draw and its pseudonyms.
+
+The draw must be a fair 1% from the CSPRNG; a pseudonym must be stable
+within a UTC day, change with the day's key, and the key must never leave
+the object (DESIGN.md §2, invariant 4).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import hmac
+import math
+import pickle
+import time
+
+import pytest
+
+from agent.logs import sampler as sampler_mod
+from agent.logs.sampler import Pseudonymizer, Sampler, packed_address
+
+DAY = 86_400
+NOON = 1_700_000_000 - 1_700_000_000 % DAY + DAY // 2   # 2023-11-14 12:00 UTC
+
+
+# --------------------------------------------------------------------------- Sampler
+
+
+def binomial_interval(n: int, p: float, confidence: float) -> tuple[int, int]:
+    """The central `confidence` interval of Binomial(n, p), computed exactly
+    (scipy is not installed; the normal approximation is checked against it)."""
+    tail = (1 - confidence) / 2
+    logpmf = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+              + k * math.log(p) + (n - k) * math.log1p(-p) for k in range(n + 1)]
+    pmf = [math.exp(x) for x in logpmf]
+    below = 0.0
+    lo = 0
+    while below + pmf[lo] <= tail:   # P(X < lo) <= tail
+        below += pmf[lo]
+        lo += 1
+    above = 0.0
+    hi = n
+    while above + pmf[hi] <= tail:   # P(X > hi) <= tail
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
+def test_one_percent_lies_in_the_binomial_interval() -> None:
+    n, p = 20_000, 0.01
+    lo, hi = binomial_interval(n, p, 0.999)
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    assert abs(lo - (mean - 3.29 * sd)) < 5 and abs(hi - (mean + 3.29 * sd)) < 5
+    s = Sampler(p)
+    hits = sum(s.draw() for _ in range(n))
+    assert lo <= hits <= hi, f"{hits} draws of {n} at {p}: outside [{lo}, {hi}]"
+
+
+def test_rate_zero_never_and_one_always() -> None:
+    never, always = Sampler(0), Sampler(1.0)
+    assert not any(never.draw() for _ in range(20_000))
+    assert all(always.draw() for _ in range(20_000))
+    assert Sampler(1e-12).effective_rate == 0.0  # under 2**-33: rounds to never
+
+
+def test_the_threshold_is_quantized_to_2_pow_minus_32() -> None:
+    for rate in (0.01, 0.5, 1 / 3, 0.999_999):
+        assert abs(Sampler(rate).effective_rate - rate) <= 2 ** -33
+
+
+@pytest.mark.parametrize("rate", [-0.01, 1.01, float("nan"), "0.1", None, True])
+def test_a_bad_rate_is_refused_clearly(rate: object) -> None:
+    with pytest.raises(ValueError, match=r"sample rate .*: must be a number from 0 to 1"):
+        Sampler(rate)  # type: ignore[arg-type]
+
+
+def test_draws_come_from_os_urandom_in_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = sampler_mod.os.urandom
+
+    def urandom(n: int) -> bytes:
+        calls.append(n)
+        return real(n)
+
+    monkeypatch.setattr(sampler_mod.os, "urandom", urandom)
+    s = Sampler(0.5)
+    for _ in range(3000):  # 1024 draws a pool
+        s.draw()
+    assert calls == [4096, 4096, 4096]
+
+
+def test_a_draw_costs_well_under_a_microsecond() -> None:
+    s = Sampler(0.01)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(100_000):
+            s.draw()
+        best = min(best, (time.perf_counter() - t0) / 100_000)
+    assert best < 1e-6, f"{best * 1e9:.0f} ns a draw"
+
+
+# --------------------------------------------------------------------------- Pseudonymizer
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_the_same_address_has_one_pseudonym_within_a_day() -> None:
+    clock = Clock(NOON)
+    pz = Pseudonymizer(clock)
+    a, period = pz.pseudonym("203.0.113.10")
+    assert len(a) == 32 and int(a, 16) >= 0 and period == "2023-11-14"
+    clock.t = NOON + DAY // 2 - 1   # 23:59:59 the same day
+    assert pz.pseudonym("203.0.113.10") == (a, period)
+    assert pz.pseudonym("203.0.113.11")[0] != a
+
+
+def test_a_new_utc_day_brings_a_new_key() -> None:
+    clock = Clock(NOON + DAY // 2 - 0.001)   # just before midnight UTC
+    pz = Pseudonymizer(clock)
+    before = pz.pseudonym("2001:db8::1")
+    clock.t += 0.002                         # just after
+    after = pz.pseudonym("2001:db8::1")
+    assert after[1] == "2023-11-15" and after[0] != before[0]
+    clock.t -= 0.002                         # a clock stepped back: the old key is gone
+    again = pz.pseudonym("2001:db8::1")
+    assert again[1] == before[1] and again[0] != before[0]
+
+
+def test_ipv4_mapped_ipv6_is_the_ipv4_client() -> None:
+    pz = Pseudonymizer(Clock(NOON))
+    v4 = pz.pseudonym("203.0.113.10")
+    assert pz.pseudonym("::ffff:203.0.113.10") == v4
+    assert pz.pseudonym("::FFFF:cb00:710a") == v4
+    assert pz.pseudonym("2001:db8:0:0::1") == pz.pseudonym("2001:db8::1")
+    assert pz.pseudonym("fe80::1%eth0") == pz.pseudonym("fe80::1")
+    assert packed_address("::ffff:203.0.113.10") == bytes([203, 0, 113, 10])
+
+
+def test_it_is_the_hmac_of_the_packed_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes: list[int] = []
+
+    def token_bytes(n: int) -> bytes:
+        sizes.append(n)
+        return b"k" * n
+
+    monkeypatch.setattr(sampler_mod.secrets, "token_bytes", token_bytes)
+    pz = Pseudonymizer(Clock(NOON))
+    want = hmac.new(b"k" * 32, bytes([203, 0, 113, 10]), hashlib.sha256).digest()[:16].hex()
+    assert pz.pseudonym("203.0.113.10") == (want, "2023-11-14")
+    assert sizes == [32]  # one 32-byte key for the period, made when it started
+
+
+def test_the_key_cannot_leave_the_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sampler_mod.secrets, "token_bytes", lambda n: b"\xab" * n)
+    pz = Pseudonymizer(Clock(NOON))
+    pz.pseudonym("203.0.113.10")
+    for text in (repr(pz), str(pz)):
+        assert "ab" * 4 not in text and "\\xab" not in text, text
+    assert repr(pz) == "Pseudonymizer(period='2023-11-14')"
+    assert not hasattr(pz, "__dict__")  # slots: vars() shows nothing
+    for leak in (pickle.dumps, copy.copy, copy.deepcopy):
+        with pytest.raises(TypeError, match="never leave memory"):
+            leak(pz)
+
+
+def test_a_bad_address_is_refused_without_repeating_it() -> None:
+    pz = Pseudonymizer(Clock(NOON))
+    with pytest.raises(ValueError) as e:
+        pz.pseudonym("not-an-address-203.0.113")
+    assert "203.0.113" not in str(e.value) and "IPv4 or IPv6" in str(e.value)
