@@ -10,6 +10,8 @@ and one `serve` config for the L7 side:
     <state>/<dc>/serve.yaml   TLS listener: zones, certificates, status socket
     <state>/<dc>/metrics.yaml /metrics over mTLS on the backbone, RTT probes of
                               the other DCs (with the network PKI, control/pki.py)
+    <state>/<dc>/logs.yaml    customer logs of every zone and the operations sample,
+                              to the core's log store over mTLS (agent/logs)
 
 The namespace lab (lab/cluster.py) and the VMs (`python -m lab generate`)
 both call `dc_configs`; only interface names and paths differ.
@@ -30,6 +32,9 @@ from lab.twons import LAB_BOGONS
 DENY4_EXACT = 65536         # the lab's denylist is tiny: small maps load fast
 LAB_CACHE_MEMORY = 4 << 20
 RTT_INTERVAL = 2.0          # seconds: a lab run is short
+CORE_PORT = 8443            # the core's log store (core/server.py)
+CORE_REGION = "eu"          # the lab's one core is in Europe: EU zones may log there
+LOG_BATCH_SECONDS = 1.0     # a lab run is short: records reach the core within a second
 
 
 @dataclass(frozen=True)
@@ -143,15 +148,40 @@ def metrics_config(topology: Topology, dc: str, netpki: str) -> dict:
     }
 
 
+def core_address(topology: Topology) -> str:
+    return str(topology.node("core").link(topology.backbone.name).v4)
+
+
+def logs_config(topology: Topology, dc: str, netpki: str) -> dict:
+    """Every zone's customer logs and the 1% sample to the core's log store;
+    a regional zone names its region, which the lab's core serves."""
+    pki = Path(netpki)
+    return {
+        "dc": dc,
+        "cert": str(pki / "agents" / f"{dc}.crt"),
+        "key": str(pki / "agents" / f"{dc}.key"),
+        "ca": str(pki / "ca.crt"),
+        "cores": {"core": {"url": f"https://{core_address(topology)}:{CORE_PORT}",
+                           "tls_name": "core.privedge.internal", "regions": [CORE_REGION]}},
+        "default_core": "core",
+        "zones": {z.name: ({"log_region": z.region} if z.region else {})
+                  for z in topology.zones},
+        "batch_seconds": LOG_BATCH_SECONDS,
+        "sample": {"rate": 0.01, "core": "core"},
+    }
+
+
 def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
     """File name -> content: one node config per link, named after the
     namespace lab's interface (inet0.yaml, bb0.yaml), then serve.yaml, and
-    metrics.yaml when there is a network PKI."""
+    metrics.yaml and logs.yaml when there is a network PKI."""
     out = {f"{seg.ifname}.yaml": link_config(topology, dc, seg.name, paths)
            for seg in (topology.public, topology.backbone)}
     out["serve.yaml"] = serve_config(topology, dc, paths)
     if paths.netpki is not None:
         out["metrics.yaml"] = metrics_config(topology, dc, paths.netpki)
+        if any(h.name == "core" for h in topology.hosts):
+            out["logs.yaml"] = logs_config(topology, dc, paths.netpki)
     return out
 
 

@@ -62,6 +62,7 @@ PROMETHEUS = "/usr/bin/prometheus"    # Debian's package (scripts/setup.sh)
 PROMETHEUS_WEB = "127.0.0.1:9090"     # in the core's namespace: query it there
 PROMETHEUS_INTERVAL = 2.0             # seconds between scrapes: a lab run is short
 PROMETHEUS_READY_TIMEOUT = 30.0
+LOGSTORE_READY_TIMEOUT = 30.0
 LAB_OPERATORS = {"lab-admin": "admin"}
 AGENT_STOP_TIMEOUT = 30.0
 
@@ -624,7 +625,8 @@ class Lab:
         argv = [self.python, "-m", "agent.daemon", "run"]
         for f in links:
             argv += ["--config", str(d / f)]
-        return [*argv, "--serve", str(d / "serve.yaml"), "--metrics", str(d / "metrics.yaml")]
+        argv += ["--serve", str(d / "serve.yaml"), "--metrics", str(d / "metrics.yaml")]
+        return [*argv, "--logs", str(d / "logs.yaml")] if (d / "logs.yaml").exists() else argv
 
     def _is_agent(self, pid: int, dc: str) -> bool:
         """PID is alive and is the agent of this DC (checked by its command line)."""
@@ -653,7 +655,7 @@ class Lab:
             changes.append(f"lab PKI in {pki}")
         changes += self._origin_up(pki, make_lab_pki)
         netpki, issued = self._network_pki()
-        changes += issued
+        changes += issued + self._logstore_up(netpki)
         starting: dict[str, tuple[subprocess.Popen, int]] = {}
         for dc in self.topology.dc_names():
             d = self.dc_dir(dc)
@@ -683,7 +685,7 @@ class Lab:
                 tail = "\n    ".join(text.strip().splitlines()[-15:])
                 raise LabError(f"agent of {dc} {why} (log {log}):\n    {tail}\n"
                                f"stop what started with: python -m lab down")
-        return changes + self._core_up(netpki)
+        return changes + self._prometheus_up(netpki)
 
     # -- servers on hosts: the origin, and the core's Prometheus (lab/services.py)
 
@@ -714,6 +716,17 @@ class Lab:
         return Service("prometheus", self.ns("core"), tuple(argv), self.state_dir,
                        "Server is ready to receive web requests", "prometheus",
                        PROMETHEUS_READY_TIMEOUT)
+
+    def logstore_service(self) -> Service | None:
+        """The core log store (core/) in the core's namespace, on its backbone address."""
+        if "core" not in {n.name for n in self.topology.hosts}:
+            return None
+        argv = [self.python, "-m", "core", "serve", str(self.state_dir / "core" / "core.yaml")]
+        return Service("logstore", self.ns("core"), tuple(argv), self.state_dir,
+                       "ready: https://", "core", LOGSTORE_READY_TIMEOUT)
+
+    def core_services(self) -> list[Service]:
+        return [s for s in (self.logstore_service(), self.prometheus_service()) if s]
 
     def service_pid(self, service: Service | None) -> int | None:
         return None if service is None else services.running(service, _cmdline, _alive)
@@ -748,25 +761,52 @@ class Lab:
         issued = pki.run(d, pki.plan_from_topology(self.topology_file, LAB_OPERATORS))
         return d, [f"network PKI: {party.path} ({why})" for party, why in issued]
 
-    def _core_up(self, netpki: Path) -> list[str]:
+    def _logstore_up(self, netpki: Path) -> list[str]:
+        """The core log store in the core's namespace (before the agents that
+        ship to it)."""
+        if self.logstore_service() is None:
+            return []
+        from core.config import core_config_dict
+        from core.crypto import init_master_key
+        from lab.agents import CORE_PORT, CORE_REGION, core_address
+        d = self.state_dir / "core"
+        # The master key lives outside the store's data directory (the store
+        # refuses otherwise): whoever copies the data does not get the key.
+        secrets_dir = self.state_dir / "core-secrets"
+        secrets_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        master = secrets_dir / "master.key"
+        changes = []
+        if not master.exists():
+            init_master_key(master)
+            changes.append(f"core master key {master}")
+        cfg = core_config_dict(
+            [{"name": z.name, "region": z.region} for z in self.topology.zones],
+            listen=core_address(self.topology), port=CORE_PORT, region=CORE_REGION,
+            cert=netpki / "core" / "core.crt", key=netpki / "core" / "core.key",
+            ca=netpki / "ca.crt", data_dir=d / "data", master_key=master)
+        changes += self._write(d / "core.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        return changes + self._service_up(self.logstore_service())
+
+    def _write(self, path: Path, text: str) -> list[str]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.read_text() == text:
+            return []
+        path.write_text(text)
+        return [f"wrote {path}"]
+
+    def _prometheus_up(self, netpki: Path) -> list[str]:
         """Prometheus in the core's namespace, scraping every DC over mTLS."""
         from core.prometheus import prometheus_config
         service = self.prometheus_service()
         if service is None:
             return []
         d = self.state_dir / "prometheus"
-        d.mkdir(parents=True, exist_ok=True)
         text = yaml.safe_dump(prometheus_config(self.topology, netpki, PROMETHEUS_INTERVAL),
                               sort_keys=False)
-        config = d / "prometheus.yml"
-        changes = []
-        if not config.exists() or config.read_text() != text:
-            config.write_text(text)
-            changes.append(f"wrote {config}")
-        return changes + self._service_up(service)
+        return self._write(d / "prometheus.yml", text) + self._service_up(service)
 
     def _services_down(self, removed: list[str]) -> None:
-        for service in (self.prometheus_service(), self.origin_service(self.state_dir / "pki")):
+        for service in (*self.core_services(), self.origin_service(self.state_dir / "pki")):
             pid = self.service_pid(service)
             if pid is None:
                 continue
@@ -934,7 +974,7 @@ class Lab:
             out["namespaces"][name] = info
         out["services"] = {svc.name: self.service_pid(svc)
                            for svc in (self.origin_service(self.state_dir / "pki"),
-                                       self.prometheus_service()) if svc is not None}
+                                       *self.core_services()) if svc is not None}
         return out
 
     @staticmethod

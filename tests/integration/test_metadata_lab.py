@@ -1,6 +1,7 @@
 """Metadata in the whole lab: the core's real Prometheus scrapes every DC's
-agent over mTLS on the backbone, and nothing in a scrape or on the backbone
-gives away a client.
+agent over mTLS on the backbone, customer logs reach the core's log store
+(encrypted at rest, readable by the zone's own certificate only), and
+nothing in a scrape or on the backbone gives away a client.
 
 Traffic is real: curl from Katerina's namespace through Düsseldorf, and the
 attacker's pings to the anycast address, dropped by Ashburn's XDP filter
@@ -32,6 +33,9 @@ WWW = "www.example.com"
 ANYCAST = "198.51.100.10"
 DCS = ("dus", "fra", "iad")
 METRICS_PORT = 9443
+CORE = "198.18.0.10"
+CORE_PORT = 8443
+CLIENT = "203.0.113.10"
 SCRAPE_DEADLINE = 60.0
 
 
@@ -67,6 +71,24 @@ def wait_for(lab: Lab, promql: str, ok, what: str) -> dict[str, float]:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: after {SCRAPE_DEADLINE:.0f}s {promql} = {got}")
         time.sleep(1)
+
+
+def core_get(lab: Lab, path: str, party: str) -> subprocess.CompletedProcess:
+    """GET from the core's log store with a certificate of the network PKI."""
+    pki = lab.state_dir / "netpki"
+    return curl(lab, "core", "--cacert", str(pki / "ca.crt"), "--cert", str(pki / f"{party}.crt"),
+                "--key", str(pki / f"{party}.key"), "-w", "\n%{http_code}",
+                "--resolve", f"core.privedge.internal:{CORE_PORT}:{CORE}",
+                f"https://core.privedge.internal:{CORE_PORT}{path}")
+
+
+def zone_logs(lab: Lab, zone: str, party: str) -> tuple[int, list[dict]]:
+    day = time.strftime("%Y-%m-%d", time.gmtime())
+    r = core_get(lab, f"/v1/zones/{zone}/logs?day={day}", party)
+    assert r.returncode == 0, r.stderr
+    body, _, status = r.stdout.rpartition("\n")
+    records = [json.loads(line) for line in body.splitlines() if line.startswith("{")]
+    return int(status), records
 
 
 def scrape(lab: Lab, dc: str) -> str:
@@ -161,7 +183,7 @@ def test_a_full_scrape_after_traffic_holds_no_address_and_no_path(lab: Lab,
         assert not [v for v in values if "/" in v], f"{dc}: a path-like label value"
 
 
-def test_the_backbone_carries_only_tls_to_and_from_the_metrics_port(lab: Lab,
+def test_the_backbone_carries_only_tls_on_metrics_and_log_connections(lab: Lab,
                                                                    traffic: dict,
                                                                    tmp_path: Path) -> None:
     pcap = tmp_path / "bb.pcap"
@@ -172,12 +194,18 @@ def test_the_backbone_carries_only_tls_to_and_from_the_metrics_port(lab: Lab,
         time.sleep(1)
         for dc in DCS:
             scrape(lab, dc)         # a scrape of ours, beside Prometheus's and the probes
-        time.sleep(3)               # a scrape interval and an RTT round
+        # Requests whose log records (marker in path and user agent) cross too.
+        pki = lab.state_dir / "pki"
+        curl(lab, "client", "--cacert", str(pki / "ca.crt"), "--resolve",
+             f"{WWW}:443:{ANYCAST}", "-A", traffic["marker"], "-o", "/dev/null",
+             f"https://{WWW}/cdn-cgi/trace?{traffic['marker']}")
+        time.sleep(3)               # a scrape interval, an RTT round, a log batch
     finally:
         dump.send_signal(signal.SIGINT)
         dump.wait(10)
-    flows = streams(pcap, {METRICS_PORT})
+    flows = streams(pcap, {METRICS_PORT, CORE_PORT})
     assert len(flows) >= 6, f"expected scrapes in both directions, got {len(flows)} streams"
+    assert any(CORE_PORT in (f[1], f[3]) for f in flows), "no log batch crossed"
     for flow, data in flows.items():
         assert not_tls(data) is None, f"{flow}: {not_tls(data)}"
         assert traffic["marker"].encode() not in data
@@ -186,3 +214,37 @@ def test_the_backbone_carries_only_tls_to_and_from_the_metrics_port(lab: Lab,
 def lab_netns_argv(lab: Lab, name: str, argv: list[str]) -> list[str]:
     from lab import netns
     return netns.nsenter(lab.ns(name), argv)
+
+
+def test_customer_logs_reach_the_core_store_for_the_zones_reader_only(lab: Lab,
+                                                                       traffic: dict) -> None:
+    marker = traffic["marker"]
+    deadline = time.monotonic() + SCRAPE_DEADLINE
+    while True:
+        status, records = zone_logs(lab, "www", "zones/www")
+        ours = [r for r in records if r["user_agent"] == f"Mozilla/5.0 {marker}"]
+        if len(ours) >= 23 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert status == 200
+    assert len(ours) == 23, f"{len(ours)} of 23 records of this test's requests stored"
+    assert {r["client_ip"] for r in ours} == {CLIENT} and {r["dc"] for r in ours} == {"dus"}
+    statics = [r for r in ours if r["path"].startswith(f"/static/{marker}")]
+    assert sorted(r["cache_status"] for r in statics) == ["hit"] * 10 + ["miss"] * 10
+    assert [r["action"] for r in ours if "OR" in r["path"]] == ["waf_block"]
+    assert all(r["host"] == WWW and r["method"] == "GET" for r in ours)
+    # Another zone's reader, an agent and an operator are all refused.
+    for party in ("zones/shop-eu", "agents/dus", "operators/lab-admin"):
+        assert zone_logs(lab, "www", party)[0] == 403, party
+
+
+def test_the_store_holds_no_plaintext_record(lab: Lab, traffic: dict) -> None:
+    data = lab.state_dir / "core" / "data"
+    files = [f for f in data.rglob("*") if f.is_file()]
+    assert files, "the store wrote nothing"
+    needles = [traffic["marker"].encode(), CLIENT.encode(), WWW.encode()]
+    for f in files:
+        content = f.read_bytes()
+        assert not any(n in content for n in needles), f"{f} holds a record in plaintext"
+    master = lab.state_dir / "core-secrets" / "master.key"
+    assert master.stat().st_mode & 0o077 == 0 and data not in master.parents
