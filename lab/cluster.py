@@ -805,13 +805,21 @@ class Lab:
                               sort_keys=False)
         return self._write(d / "prometheus.yml", text) + self._service_up(service)
 
+    def stop_service(self, service: Service) -> int | None:
+        """Stop one of the lab's servers (a core outage, say); its PID or None."""
+        pid = self.service_pid(service)
+        if pid is not None:
+            _terminate(pid, lambda: self.service_pid(service) == pid)
+        return pid
+
+    def start_service(self, service: Service) -> list[str]:
+        """Start it again (the lab's configs are in place from up)."""
+        return self._service_up(service)
+
     def _services_down(self, removed: list[str]) -> None:
         for service in (*self.core_services(), self.origin_service(self.state_dir / "pki")):
-            pid = self.service_pid(service)
-            if pid is None:
-                continue
-            _terminate(pid, lambda s=service, pid=pid: self.service_pid(s) == pid)
-            removed.append(f"{service.name} (pid {pid})")
+            if service is not None and (pid := self.stop_service(service)) is not None:
+                removed.append(f"{service.name} (pid {pid})")
 
     def restart_agent(self, dc: str) -> list[str]:
         """Stop a DC's agent (its programs stay attached) and start it again:

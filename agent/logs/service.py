@@ -11,6 +11,9 @@ reload never changes a day's pseudonyms).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from agent.l7.config import ServeConfig
 from agent.l7.observe import Sampling, Submit
 from agent.logs.config import LogsConfig
@@ -19,14 +22,17 @@ from agent.logs.sampler import Pseudonymizer, Sampler
 
 
 class LogService:
-    def __init__(self, cfg: LogsConfig, serve: ServeConfig | None = None) -> None:
+    def __init__(self, cfg: LogsConfig, serve: ServeConfig | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         """ConfigError if the routes or the certificate do not fit (router.py);
-        a regional zone of the serve config must log to its own region."""
+        a regional zone of the serve config must log to its own region.
+        `clock` is the pseudonyms' (their key rotates each UTC day of it):
+        tests move it past midnight."""
         self.cfg = cfg
         regions = {} if serve is None else {z.name: z.region for z in serve.zones}
         self.router = LogRouter(cfg, zone_regions=regions)
         self.sampler = Sampler(cfg.sample.rate)
-        self.pseudonyms = Pseudonymizer()
+        self.pseudonyms = Pseudonymizer(clock)
 
     def submitters(self, serve: ServeConfig) -> dict[str, Submit]:
         """Zone -> its shipper's submit, for the served zones that keep logs."""

@@ -25,16 +25,16 @@ from urllib.parse import quote
 
 import pytest
 
+from core.prometheus import METRICS_PORT
+from lab.agents import CORE_PORT
 from lab.cluster import PROMETHEUS_WEB, Lab
+from lab.coreapi import curl, scrape, zone_logs
 from tests.integration.labs import whole_lab
 from tests.integration.tlsflows import not_tls, streams
 
 WWW = "www.example.com"
 ANYCAST = "198.51.100.10"
 DCS = ("dus", "fra", "iad")
-METRICS_PORT = 9443
-CORE = "198.18.0.10"
-CORE_PORT = 8443
 CLIENT = "203.0.113.10"
 SCRAPE_DEADLINE = 60.0
 
@@ -42,11 +42,6 @@ SCRAPE_DEADLINE = 60.0
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     yield from whole_lab("m")
-
-
-def curl(lab: Lab, host: str, *args: str, timeout: float = 15) -> subprocess.CompletedProcess:
-    return lab.exec(host, ["curl", "-sS", "--max-time", str(timeout), *args],
-                    capture_output=True, text=True, timeout=timeout * 2 + 10)
 
 
 def query(lab: Lab, promql: str) -> list[dict]:
@@ -71,34 +66,6 @@ def wait_for(lab: Lab, promql: str, ok, what: str) -> dict[str, float]:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: after {SCRAPE_DEADLINE:.0f}s {promql} = {got}")
         time.sleep(1)
-
-
-def core_get(lab: Lab, path: str, party: str) -> subprocess.CompletedProcess:
-    """GET from the core's log store with a certificate of the network PKI."""
-    pki = lab.state_dir / "netpki"
-    return curl(lab, "core", "--cacert", str(pki / "ca.crt"), "--cert", str(pki / f"{party}.crt"),
-                "--key", str(pki / f"{party}.key"), "-w", "\n%{http_code}",
-                "--resolve", f"core.privedge.internal:{CORE_PORT}:{CORE}",
-                f"https://core.privedge.internal:{CORE_PORT}{path}")
-
-
-def zone_logs(lab: Lab, zone: str, party: str) -> tuple[int, list[dict]]:
-    day = time.strftime("%Y-%m-%d", time.gmtime())
-    r = core_get(lab, f"/v1/zones/{zone}/logs?day={day}", party)
-    assert r.returncode == 0, r.stderr
-    body, _, status = r.stdout.rpartition("\n")
-    records = [json.loads(line) for line in body.splitlines() if line.startswith("{")]
-    return int(status), records
-
-
-def scrape(lab: Lab, dc: str) -> str:
-    """One DC's /metrics as the core's Prometheus sees it (its certificate)."""
-    pki = lab.state_dir / "netpki"
-    bb = lab.topology.dc(dc).link(lab.topology.backbone.name).v4
-    r = curl(lab, "core", "--cacert", str(pki / "ca.crt"), "--cert", str(pki / "prometheus.crt"),
-             "--key", str(pki / "prometheus.key"), f"https://{bb}:{METRICS_PORT}/metrics")
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 @pytest.fixture(scope="module")
