@@ -10,6 +10,10 @@
        tunnelled packets but not a marker the user sent inside TLS
     5  the denylisted attacker floods the EU shop's address through iad:
        every frame is dropped there, none crosses the backbone
+    6  Katerina browses www through dus: cache, WAF, challenge, login check
+    7  what the core learns: its Prometheus scrapes every DC over mTLS (the
+       drops at iad, the requests at dus, by closed labels only); www's own
+       certificate reads Katerina's log records, stored encrypted
 
 Each step prints what it does, then its evidence (counter deltas read
 from the DCs' XDP programs and TLS front ends, a capture on the backbone),
@@ -280,6 +284,8 @@ class Story:
                   "attacker: dropped at iad, nothing tunnelled", self.attacker)
         self.step(6, "Katerina browses www through dus: cache, WAF, challenge, leaked password",
                   "L7: cache, WAF, challenge, login check", self.pipeline)
+        self.step(7, "What the core learns: metrics from every DC, www's logs for www only",
+                  "core: Prometheus, encrypted customer logs", self.core)
         return all(ok for _, _, ok in self.results)
 
     # -- 1
@@ -555,6 +561,62 @@ class Story:
         return ("the cache answered the second fetch, the WAF stopped the attack and passed "
                 "the order, the cookie challenge let curl in, the leaked password was flagged")
 
+    # -- 7
+
+    def core(self) -> str:
+        from lab.cluster import PROMETHEUS_WEB
+        from lab.coreapi import curl, zone_logs
+
+        lab = self.lab
+
+        def query(promql: str) -> dict[str, float]:
+            r = curl(lab, "core", "--get", "--data-urlencode", f"query={promql}",
+                     f"http://{PROMETHEUS_WEB}/api/v1/query")
+            if r.returncode != 0:
+                raise StepFailed(f"Prometheus in {lab.ns('core')}: {r.stderr.strip()}")
+            return {x["metric"].get("dc", ""): float(x["value"][1])
+                    for x in json.loads(r.stdout)["data"]["result"]}
+
+        dcs = self.topo.dc_names()
+        deadline = time.monotonic() + 30
+        while True:     # Prometheus scrapes every 2 s: wait for a scrape after step 6
+            up = query('up{job="privedge-agents"}')
+            served = query("sum by (dc) (privedge_l7_responses_total)")
+            ready = all(up.get(d) == 1 for d in dcs) and served.get("dus", 0) >= 7
+            if ready or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        drops = query('sum by (dc) (privedge_xdp_packets_total{verdict="drop"})')
+        say("the core's Prometheus (Debian's), scraping each DC's /metrics over mTLS:")
+        say(f"{'DC':<6}{'up':<5}{'responses':>10}{'XDP drops':>11}")
+        for dc in dcs:
+            say(f"{dc:<6}{up.get(dc, 0):<5.0f}{served.get(dc, 0):>10.0f}"
+                f"{drops.get(dc, 0):>11.0f}")
+        self.expect(all(up.get(d) == 1 for d in dcs), f"not every DC is up: {up}")
+        self.expect(drops.get("iad", 0) >= 1, "no drop at iad reached Prometheus")
+
+        deadline, mine, records = time.monotonic() + 15, [], []
+        while not mine and time.monotonic() < deadline:
+            _, records = zone_logs(lab, "www", "zones/www")
+            mine = [r for r in records if r["path"].startswith("/static/demo-")]
+            time.sleep(0.5)
+        say()
+        say(f"www's logs, read with www's own certificate: {len(records)} record(s) today")
+        if mine:
+            r = mine[-1]
+            say(f"  e.g. {r['method']} {r['path']} {r['status']} {r['cache_status']} "
+                f"from {r['client_ip']} via {r['dc']}")
+        refused = zone_logs(lab, "www", "zones/shop-eu")[0]
+        say(f"the same read with shop-eu's certificate: HTTP {refused}")
+        self.expect(bool(mine), "Katerina's requests are not in www's logs")
+        self.expect(refused == 403, f"shop-eu's certificate read www's logs (HTTP {refused})")
+        data = lab.state_dir / "core" / "data"
+        plain = [f for f in data.rglob("*") if f.is_file() and b"/static/demo-" in f.read_bytes()]
+        row("store files holding a path", str(len(plain)))
+        self.expect(not plain, f"plaintext in the store: {plain[:3]}")
+        return ("every DC scraped over mTLS; www's logs reached the core, encrypted, "
+                "readable by www alone")
+
     def summary(self, seconds: float) -> bool:
         ok = all(r for _, _, r in self.results)
         print("\n== summary")
@@ -566,8 +628,9 @@ class Story:
         if ok:
             print(f"RESULT: PASS, all {len(self.results)} steps in {seconds:.1f} s: the EU zone "
                   "was served only in the EU,\n        the backbone carried no plaintext, "
-                  "the denylisted attacker was dropped at the edge,\n        and the L7 "
-                  "pipeline cached, blocked and challenged as configured")
+                  "the denylisted attacker was dropped at the edge,\n        the L7 "
+                  "pipeline cached, blocked and challenged as configured, and the core\n"
+                  "        got metrics by closed labels and www's logs, encrypted")
         else:
             print(f"RESULT: FAIL, step {', '.join(failed)} of {len(self.results)} failed "
                   f"({seconds:.1f} s): see above;\n        to look around afterwards, run the "
