@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -25,6 +26,8 @@ from pydantic import (
 
 from agent import abi
 from agent.prefixes import Prefix, PrefixError, parse_prefix
+
+M = TypeVar("M", bound=BaseModel)
 
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "gre": 47, "esp": 50, "ah": 51,
@@ -350,6 +353,26 @@ def _format_errors(source: str, err: ValidationError, data: object) -> str:
         shown = "" if isinstance(value, dict | list) or value is data else f" {value!r}:"
         lines.append(f"{source}: {path or '(top)'}:{shown} {msg}")
     return "\n".join(lines)
+
+
+# A model's validation context key: skip the cross-field checks inside
+# validation, so parse_checked can report each with its own path.
+DEFER_CROSS_CHECKS = "privedge_defer_cross_checks"
+
+
+def parse_checked(model: type[M], data: object, source: str,
+                  cross_problems: Callable[[M], list[tuple[str, object, str]]]) -> M:
+    """Validate `data` as `model`, then its cross-field checks; ConfigError
+    lists every problem, one per line, each as `source: path: value: why`."""
+    try:
+        cfg = model.model_validate(data, context={DEFER_CROSS_CHECKS: True})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e, data)) from None
+    problems = cross_problems(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"{source}: {path}: {value!r}: {why}"
+                                    for path, value, why in problems))
+    return cfg
 
 
 def parse_config(data: object, source: str = "<config>") -> NodeConfig:

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,6 +52,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.config import ConfigError, _format_errors, read_yaml_mapping
 from core.records import LOG_KEYS
 
 MAX_RETENTION_DAYS = 7          # DESIGN.md §2: customer logs are kept at most 7 days
@@ -63,10 +63,6 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")   # an HTTP header name
 # Headers the pusher sets itself; a job may not override them.
 RESERVED_HEADERS = frozenset({"host", "content-type", "content-encoding", "content-length",
                               "transfer-encoding", "connection"})
-
-
-class ConfigError(ValueError):
-    """The config is invalid; the message lists every problem."""
 
 
 class Frozen(BaseModel):
@@ -204,19 +200,6 @@ class CoreConfig(Frozen):
         return self
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        path = ""
-        for part in e["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        msg = e["msg"].removeprefix("Value error, ")
-        value = e.get("input")
-        shown = "" if isinstance(value, dict | list | tuple) else f" {value!r}:"
-        lines.append(f"{source}: {path or '(top)'}:{shown} {msg}")
-    return "\n".join(lines)
-
-
 def parse_config(data: object, source: str = "<config>") -> CoreConfig:
     """Validate a mapping; ConfigError lists every problem."""
     if not isinstance(data, dict):
@@ -224,21 +207,12 @@ def parse_config(data: object, source: str = "<config>") -> CoreConfig:
     try:
         return CoreConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(source, e)) from None
+        raise ConfigError(_format_errors(source, e, data)) from None
 
 
 def load_config(path: str | Path) -> CoreConfig:
     """Read and validate a core config file; ConfigError names file, path, value, why."""
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read ({e.strerror})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-    return parse_config(data, str(p))
+    return parse_config(read_yaml_mapping(path), str(path))
 
 
 def core_config_dict(zones: Iterable[str | Mapping[str, Any] | Any], *, listen: str,

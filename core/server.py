@@ -23,17 +23,17 @@ from __future__ import annotations
 import json
 import re
 import socket
-import socketserver
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
 from control.pki import DOMAIN, ROLES, ZONE_UNIT
+from control.tlshttp import TlsHttpServer
 from core.batch import BatchId, BodyError, gunzip
 from core.config import CoreConfig
 from core.crypto import load_master_key
@@ -88,27 +88,10 @@ def server_context(config: CoreConfig) -> ssl.SSLContext:
     return ctx
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _HTTPServer(TlsHttpServer):
     allow_reuse_address = True
-    context: ssl.SSLContext
+    client_timeout = CLIENT_TIMEOUT
     core: CoreServer
-
-    def server_bind(self) -> None:
-        # HTTPServer's would look up its own name (getfqdn): a DNS query that
-        # can hang where there is no resolver.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        conn, addr = self.socket.accept()
-        conn.settimeout(CLIENT_TIMEOUT)
-        # The handshake happens in the request's thread (setup), not here.
-        return self.context.wrap_socket(conn, server_side=True,
-                                         do_handshake_on_connect=False), addr
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A failed handshake or a client gone: nothing to log about it."""
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -29,13 +29,18 @@ from urllib.parse import urlsplit
 from pydantic import (
     AfterValidator,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
+from agent.config import (
+    DEFER_CROSS_CHECKS,
+    ConfigError,
+    Frozen,
+    parse_checked,
+    read_yaml_mapping,
+)
 from agent.l7.cache import CacheStoreSettings, CacheZoneSettings
 from agent.l7.credstuff import LoginSettings
 from agent.l7.waf import WafSettings
@@ -49,7 +54,7 @@ LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 REFUSE = "refuse"
 # Validation context key: parse_serve_config runs the cross-zone checks itself
 # so it can name each problem's path (a model validator can only name the top).
-_DEFER = "privedge_defer_cross_checks"
+_DEFER = DEFER_CROSS_CHECKS
 
 
 def _name(value: str) -> str:
@@ -315,15 +320,7 @@ def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
 
 def parse_serve_config(data: object, source: str = "<serve config>") -> ServeConfig:
     """Validate a mapping; ConfigError lists every problem, one per line."""
-    try:
-        cfg = ServeConfig.model_validate(data, context={_DEFER: True})
-    except ValidationError as e:
-        raise ConfigError(_format_errors(source, e, data)) from None
-    problems = cross_problems(cfg)
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {path}: {value!r}: {why}"
-                                    for path, value, why in problems))
-    return cfg
+    return parse_checked(ServeConfig, data, source, cross_problems)
 
 
 def load_serve_config(path: str | Path) -> ServeConfig:

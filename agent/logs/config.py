@@ -40,14 +40,19 @@ import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
+from agent.config import (
+    DEFER_CROSS_CHECKS,
+    Frozen,
+    parse_checked,
+    read_yaml_mapping,
+)
 from agent.l7.config import Name
 from agent.logs import shipper
 from agent.metrics.server import TlsFiles
 
-_DEFER = "privedge_defer_cross_checks"  # as in agent/l7/config.py: name each problem's path
+_DEFER = DEFER_CROSS_CHECKS   # cross checks run after validation, each with its own path
 
 
 class CoreCfg(Frozen):
@@ -179,15 +184,7 @@ def cross_problems(cfg: LogsConfig) -> list[tuple[str, object, str]]:
 
 def parse_logs_config(data: object, source: str = "<logs config>") -> LogsConfig:
     """Validate a mapping; ConfigError lists every problem, one per line."""
-    try:
-        cfg = LogsConfig.model_validate(data, context={_DEFER: True})
-    except ValidationError as e:
-        raise ConfigError(_format_errors(source, e, data)) from None
-    problems = cross_problems(cfg)
-    if problems:
-        raise ConfigError("\n".join(f"{source}: {path}: {value!r}: {why}"
-                                    for path, value, why in problems))
-    return cfg
+    return parse_checked(LogsConfig, data, source, cross_problems)
 
 
 def load_logs_config(path: str | Path) -> LogsConfig:

@@ -14,18 +14,15 @@ holds the accept loop. Nothing about a scraper is logged.
 
 from __future__ import annotations
 
-import socket
-import socketserver
 import ssl
 import threading
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
-CLIENT_TIMEOUT = 10.0
+from control.tlshttp import TlsHttpServer
 
 
 @dataclass(frozen=True)
@@ -45,27 +42,6 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     return ctx
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    context: ssl.SSLContext
-
-    def server_bind(self) -> None:
-        # HTTPServer's would look up its own address's name (getfqdn): a DNS
-        # query that can hang in a namespace without a resolver.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]  # type: ignore[assignment]
-
-    def get_request(self) -> tuple[socket.socket, object]:
-        conn, addr = self.socket.accept()
-        conn.settimeout(CLIENT_TIMEOUT)
-        # The handshake happens on the first read, in the request's thread.
-        return self.context.wrap_socket(conn, server_side=True,
-                                         do_handshake_on_connect=False), addr
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        """A failed handshake or a client gone: nothing to log about it."""
-
-
 class _Handler(MetricsHandler):
     def setup(self) -> None:
         super().setup()
@@ -76,7 +52,7 @@ class MetricsServer:
     def __init__(self, registry: CollectorRegistry, address: str, port: int,
                  tls: TlsFiles) -> None:
         self.tls = tls
-        self._httpd = _Server((address, port), _Handler.factory(registry),
+        self._httpd = TlsHttpServer((address, port), _Handler.factory(registry),
                               bind_and_activate=False)
         self._httpd.context = server_context(tls)  # a bad file fails here, before binding
         self._thread: threading.Thread | None = None

@@ -197,7 +197,7 @@ def iad(topo, tmp_path_factory):
 
 
 def test_dc_gets_two_link_configs_and_a_serve_config(iad) -> None:
-    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml", "metrics.yaml"]
+    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml", "metrics.yaml", "logs.yaml"]
 
 
 def test_metrics_listen_on_the_backbone_and_probe_the_other_dcs(iad) -> None:
@@ -207,6 +207,17 @@ def test_metrics_listen_on_the_backbone_and_probe_the_other_dcs(iad) -> None:
     m = MetricsConfig.model_validate(cfgs["metrics.yaml"])
     assert m.listen == "198.18.0.3" and m.cert == state / "netpki" / "agents" / "iad.crt"
     assert m.rtt is not None and m.rtt.peers == {"dus": "198.18.0.1", "fra": "198.18.0.2"}
+
+
+def test_logs_go_to_the_core_and_a_regional_zone_names_its_region(iad) -> None:
+    from agent.logs.config import parse_logs_config
+
+    state, cfgs = iad
+    logs = parse_logs_config(cfgs["logs.yaml"], "logs.yaml")
+    assert logs.dc == "iad" and logs.cert == state / "netpki" / "agents" / "iad.crt"
+    assert logs.cores["core"].url == "https://198.18.0.10:8443"
+    assert logs.log_core("www") == logs.log_core("shop-eu") == "core"
+    assert logs.zones["shop-eu"].log_region == "eu" and logs.sample.rate == 0.01
 
 
 def test_link_configs(iad) -> None:
@@ -295,7 +306,7 @@ def test_pki_zones(topo) -> None:
 def test_write_configs_writes_only_what_changed(iad, tmp_path) -> None:
     _, cfgs = iad
     assert write_configs(tmp_path, cfgs) == ["inet0.yaml", "bb0.yaml", "serve.yaml",
-                                            "metrics.yaml"]
+                                            "metrics.yaml", "logs.yaml"]
     assert write_configs(tmp_path, cfgs) == []
     assert yaml.safe_load((tmp_path / "serve.yaml").read_text()) == cfgs["serve.yaml"]
 
