@@ -4,13 +4,13 @@ PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-unit test-bpf test-integration lint demo lab-up lab-down lab-status \
-	bench-xdp bench-steer bench-l7 bench-waf clean
+	bench-xdp bench-steer bench-l7 bench-waf bench-metadata clean
 
 setup:
 	bash scripts/setup.sh
 
 lint: setup
-	$(VENV)/bin/ruff check agent control lab bench tests
+	$(VENV)/bin/ruff check agent control core lab bench tests
 
 test: setup lint
 	$(PY) -m pytest tests/unit tests/bpf tests/integration
@@ -47,6 +47,9 @@ bench-l7: setup
 
 bench-waf: setup
 	$(PY) -m bench.waf
+
+bench-metadata: setup
+	$(PY) -m bench.metadata
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

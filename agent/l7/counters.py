@@ -5,7 +5,10 @@ names), never from what a client sent, so a counter cannot carry an
 address, a hostname typed by a user, or a URL. A value outside the set is
 a programming error (Refusal, RequestError) or folds into "other" (TLS
 version). One lock: increments come from the event loop thread, snapshots
-from the status socket or another thread (the daemon's metrics).
+from the status socket or another thread (the daemon's metrics). The
+per-response counts skip it: the loop thread is their only writer, so no
+increment is lost, and a snapshot taken mid-update is at most one response
+behind in one series.
 """
 
 from __future__ import annotations
@@ -124,11 +127,9 @@ class Counters:
         by_class = self._responses[zone]   # KeyError: not a zone of this config
         row = min(max(status // 100, 1), 5) - 1
         column = _CACHE_INDEX[cache]       # KeyError: not a cache status
-        bucket = bisect_left(LATENCY_BUCKETS, seconds)
-        with self._lock:
-            by_class[row][column] += 1
-            self._latency[zone][bucket] += 1
-            self._latency_sum[zone] += seconds
+        by_class[row][column] += 1
+        self._latency[zone][bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self._latency_sum[zone] += seconds
 
     def request_error(self, error: RequestError | str) -> None:
         key = RequestError(error)

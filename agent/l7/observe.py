@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 from agent.l7.counters import Counters
 from agent.l7.http1 import Request, Response
@@ -64,10 +65,9 @@ class Observer:
 
     def bind(self, zone: str, client: str, tls_version: str
              ) -> Callable[[Request, Response, int, float], None]:
-        """The observer of a TLS connection of `zone`."""
-        def observe(request: Request, response: Response, sent: int, seconds: float) -> None:
-            self.finished(zone, client, tls_version, request, response, sent, seconds)
-        return observe
+        """The observer of a TLS connection of `zone` (a partial: one call less
+        per request than a closure)."""
+        return partial(self.finished, zone, client, tls_version)
 
     def finished(self, zone: str, client: str, tls_version: str, request: Request,
                  response: Response, sent: int, seconds: float) -> None:

@@ -69,8 +69,9 @@ PATHS = {stream: f"/v1/ingest/{stream}" for stream in STREAMS}
 # Measured on 2000-record batches of ~290-byte log lines: level 6 costs
 # 1.7 µs a record against level 1's 0.65, and makes batches a quarter
 # smaller (24 vs 32 bytes a record), so buffer_bytes rides out a longer
-# outage. The whole path stays near 3% of a core at 5,000 records/s
-# (submit 0.09 µs, encode + checks + gzip ~6 µs, TLS send 0.2 µs per record).
+# outage. The whole path stays near 4% of a core at 5,000 records/s
+# (bench-metadata: submit ~0.1 µs, encode + checks + gzip ~6 µs, TLS send
+# 0.2 µs per record).
 GZIP_LEVEL = 6
 MAX_BATCH_BYTES = 8 << 20   # NDJSON per batch: far under the core's 64 MiB expanded limit
 TICK = 0.25           # the encoder's longest sleep: how late a time-based batch may be
