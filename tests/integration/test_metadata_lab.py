@@ -26,9 +26,10 @@ from urllib.parse import quote
 import pytest
 
 from core.prometheus import METRICS_PORT
+from lab import netns
 from lab.agents import CORE_PORT
 from lab.cluster import PROMETHEUS_WEB, Lab
-from lab.coreapi import curl, scrape, zone_logs
+from lab.coreapi import core_get, curl, scrape, zone_logs
 from tests.integration.labs import whole_lab
 from tests.integration.tlsflows import not_tls, streams
 
@@ -36,6 +37,7 @@ WWW = "www.example.com"
 ANYCAST = "198.51.100.10"
 DCS = ("dus", "fra", "iad")
 CLIENT = "203.0.113.10"
+SAMPLED = 1000      # requests at a sample rate of 1%: none sampled has odds 4e-5
 SCRAPE_DEADLINE = 60.0
 
 
@@ -68,10 +70,36 @@ def wait_for(lab: Lab, promql: str, ok, what: str) -> dict[str, float]:
         time.sleep(1)
 
 
+class Capture:
+    """tcpdump on the backbone's bridge, from before the first request, so the
+    log and sample connections are captured from their first byte."""
+
+    def __init__(self, lab: Lab, pcap: Path) -> None:
+        self.pcap = pcap
+        argv = ["tcpdump", "-i", "br0", "-U", "-s", "0", "-w", str(pcap), "tcp"]
+        self.proc = subprocess.Popen(netns.nsenter(lab.ns("bb"), argv),
+                                     stderr=subprocess.PIPE)
+        time.sleep(1)   # tcpdump listening
+
+    def stop(self) -> Path:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(10)
+        return self.pcap
+
+
 @pytest.fixture(scope="module")
-def traffic(lab: Lab) -> dict[str, str]:
+def capture(lab: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Capture]:
+    c = Capture(lab, tmp_path_factory.mktemp("bb") / "bb.pcap")
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def traffic(lab: Lab, capture: Capture) -> dict[str, str]:
     """Requests through dus (some carrying a marker in path, query, user agent),
-    and the attacker's pings, dropped at iad."""
+    SAMPLED more through the same connection (so the 1% sample ships too), and
+    the attacker's pings, dropped at iad."""
     marker = f"pm{secrets.token_hex(8)}"
     pki = lab.state_dir / "pki"
     base = ["--cacert", str(pki / "ca.crt"), "--resolve", f"{WWW}:443:{ANYCAST}",
@@ -83,6 +111,9 @@ def traffic(lab: Lab) -> dict[str, str]:
     assert r.returncode == 0, r.stderr
     codes = r.stdout.split()
     assert codes.count("200") >= len(paths) - 1, codes
+    more = ["-o", "/dev/null", f"https://{WWW}/cdn-cgi/trace?{marker}"] * SAMPLED
+    r = curl(lab, "client", *base, *more, timeout=120)
+    assert r.returncode == 0 and r.stdout.split().count("200") == SAMPLED, r.stderr
     ping = lab.exec("attacker", ["ping", "-c", "10", "-i", "0.05", "-W", "1", ANYCAST],
                     capture_output=True, text=True, timeout=30)
     assert " 0 received" in ping.stdout, ping.stdout   # the denylist drops every one
@@ -150,37 +181,28 @@ def test_a_full_scrape_after_traffic_holds_no_address_and_no_path(lab: Lab,
         assert not [v for v in values if "/" in v], f"{dc}: a path-like label value"
 
 
-def test_the_backbone_carries_only_tls_on_metrics_and_log_connections(lab: Lab,
-                                                                   traffic: dict,
-                                                                   tmp_path: Path) -> None:
-    pcap = tmp_path / "bb.pcap"
-    dump = subprocess.Popen(lab_netns_argv(lab, "bb", ["tcpdump", "-i", "br0", "-U", "-s", "0",
-                                                      "-w", str(pcap), "tcp"]),
-                            stderr=subprocess.PIPE)
-    try:
-        time.sleep(1)
-        for dc in DCS:
-            scrape(lab, dc)         # a scrape of ours, beside Prometheus's and the probes
-        # Requests whose log records (marker in path and user agent) cross too.
-        pki = lab.state_dir / "pki"
-        curl(lab, "client", "--cacert", str(pki / "ca.crt"), "--resolve",
-             f"{WWW}:443:{ANYCAST}", "-A", traffic["marker"], "-o", "/dev/null",
-             f"https://{WWW}/cdn-cgi/trace?{traffic['marker']}")
-        time.sleep(3)               # a scrape interval, an RTT round, a log batch
-    finally:
-        dump.send_signal(signal.SIGINT)
-        dump.wait(10)
-    flows = streams(pcap, {METRICS_PORT, CORE_PORT})
-    assert len(flows) >= 6, f"expected scrapes in both directions, got {len(flows)} streams"
-    assert any(CORE_PORT in (f[1], f[3]) for f in flows), "no log batch crossed"
-    for flow, data in flows.items():
-        assert not_tls(data) is None, f"{flow}: {not_tls(data)}"
-        assert traffic["marker"].encode() not in data
+def test_the_backbone_carries_only_tls_on_metrics_log_and_sample_connections(
+        lab: Lab, traffic: dict, capture: Capture) -> None:
+    for dc in DCS:
+        scrape(lab, dc)         # a scrape of ours, beside Prometheus's and the probes
+    time.sleep(3)               # a scrape interval, an RTT round, the last log batches
+    flows = streams(capture.stop(), {METRICS_PORT, CORE_PORT})
+    whole = {f: s for f, s in flows.items() if s.from_start}
+    for flow, stream in flows.items():
+        assert traffic["marker"].encode() not in stream.data, flow
+    for flow, stream in whole.items():
+        assert not_tls(stream.data) is None, f"{flow}: {not_tls(stream.data)}"
+    dus = str(lab.topology.dc("dus").link(lab.topology.backbone.name).v4)
+    to_core = {f for f in whole if f[0] == dus and f[3] == CORE_PORT}
+    # The logs shipper's and the sample shipper's own connections.
+    assert len(to_core) >= 2, f"{len(to_core)} whole connections from dus to the core"
+    for dc in DCS:
+        bb = str(lab.topology.dc(dc).link(lab.topology.backbone.name).v4)
+        assert any(f[2] == bb and f[3] == METRICS_PORT for f in whole), f"no scrape of {dc}"
+    stats = json.loads(core_get(lab, "/v1/stats", "operators/lab-admin")[1])
+    assert stats["received"]["sample"], stats["received"]
 
 
-def lab_netns_argv(lab: Lab, name: str, argv: list[str]) -> list[str]:
-    from lab import netns
-    return netns.nsenter(lab.ns(name), argv)
 
 
 def test_customer_logs_reach_the_core_store_for_the_zones_reader_only(lab: Lab,
@@ -190,11 +212,12 @@ def test_customer_logs_reach_the_core_store_for_the_zones_reader_only(lab: Lab,
     while True:
         status, records = zone_logs(lab, "www", "zones/www")
         ours = [r for r in records if r["user_agent"] == f"Mozilla/5.0 {marker}"]
-        if len(ours) >= 23 or time.monotonic() > deadline:
+        if len(ours) >= 23 + SAMPLED or time.monotonic() > deadline:
             break
         time.sleep(1)
     assert status == 200
-    assert len(ours) == 23, f"{len(ours)} of 23 records of this test's requests stored"
+    want = 23 + SAMPLED
+    assert len(ours) == want, f"{len(ours)} of {want} records of this test's requests stored"
     assert {r["client_ip"] for r in ours} == {CLIENT} and {r["dc"] for r in ours} == {"dus"}
     statics = [r for r in ours if r["path"].startswith(f"/static/{marker}")]
     assert sorted(r["cache_status"] for r in statics) == ["hit"] * 10 + ["miss"] * 10

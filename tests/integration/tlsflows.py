@@ -1,7 +1,8 @@
 """Every byte of a capture's TCP streams on given ports, checked to be TLS.
 
 Each direction of each flow is put back in sequence order (retransmissions
-and overlaps dropped) and walked record by record: a TLS record header is a
+and overlaps dropped); a flow whose SYN the capture holds is checked from
+its first byte, record by record: a TLS record header is a
 content type (20 change_cipher_spec, 21 alert, 22 handshake, 23 application
 data), a version 0x0301-0x0304 and a length. A stream is plaintext if any
 record header does not parse; a capture passes only if every stream does
@@ -11,6 +12,7 @@ record header does not parse; a capture passes only if every stream does
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from scapy.layers.inet import IP, TCP
@@ -20,9 +22,16 @@ TLS_TYPES = {20, 21, 22, 23}
 Flow = tuple[str, int, str, int]
 
 
-def streams(pcap: Path, ports: set[int]) -> dict[Flow, bytes]:
+@dataclass(frozen=True)
+class Stream:
+    data: bytes
+    from_start: bool     # the SYN was captured and no byte after it is missing
+
+
+def streams(pcap: Path, ports: set[int]) -> dict[Flow, Stream]:
     """(src, sport, dst, dport) -> the bytes sent that way, in order."""
     segments: dict[Flow, dict[int, bytes]] = defaultdict(dict)
+    isn: dict[Flow, int] = {}
     with PcapReader(str(pcap)) as reader:
         for pkt in reader:
             if IP not in pkt or TCP not in pkt:
@@ -30,20 +39,27 @@ def streams(pcap: Path, ports: set[int]) -> dict[Flow, bytes]:
             ip, tcp = pkt[IP], pkt[TCP]
             if tcp.sport not in ports and tcp.dport not in ports:
                 continue
+            flow = (ip.src, tcp.sport, ip.dst, tcp.dport)
+            if tcp.flags.S:
+                isn[flow] = tcp.seq
             payload = bytes(tcp.payload)
             if payload:
-                segments[(ip.src, tcp.sport, ip.dst, tcp.dport)].setdefault(tcp.seq, payload)
+                segments[flow].setdefault(tcp.seq, payload)
     out = {}
     for flow, by_seq in segments.items():
-        data, expect = bytearray(), None
+        data = bytearray()
+        expect = isn[flow] + 1 if flow in isn else None
+        complete = flow in isn
         for seq in sorted(by_seq):   # wraparound is not a concern for a short capture
             chunk = by_seq[seq]
-            if expect is not None and seq < expect:       # overlap: keep the new part
-                chunk = chunk[expect - seq:]
+            if expect is not None and seq > expect:
+                complete = False     # a segment the capture missed
+            elif expect is not None and seq < expect:
+                chunk = chunk[expect - seq:]     # a retransmission's overlap
             data += chunk
-            expect = seq + len(by_seq[seq]) if expect is None else max(expect,
-                                                                       seq + len(by_seq[seq]))
-        out[flow] = bytes(data)
+            end = seq + len(by_seq[seq])
+            expect = end if expect is None else max(expect, end)
+        out[flow] = Stream(bytes(data), complete)
     return out
 
 
