@@ -200,6 +200,7 @@ class Http1Protocol(asyncio.Protocol):
         "_parser",
         "_queue",
         "_reading_paused",
+        "_streamed",
         "_task",
         "_timer",
         "_tls",
@@ -236,6 +237,7 @@ class Http1Protocol(asyncio.Protocol):
         self._deadline = 0.0
         self._expire: Callable[[], None] | None = None
         self._reading_paused = False
+        self._streamed = 0                   # body bytes of the response being streamed
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._closed = False
@@ -454,7 +456,10 @@ class Http1Protocol(asyncio.Protocol):
         except (StreamBroken, ConnectionError):
             # The head is out and the body cannot be finished: cut the
             # connection so the client sees a truncated response, never a
-            # complete-looking short one.
+            # complete-looking short one. It was answered all the same, in part.
+            if self.observe is not None:
+                self.observe(request, response, self._streamed,
+                             self.loop.time() - request.received)
             if self.transport is not None:
                 self.transport.abort()
             return
@@ -523,7 +528,7 @@ class Http1Protocol(asyncio.Protocol):
             self.transport.write(self._head(r, request, r.length, chunked))  # type: ignore[union-attr]
             if head_only:
                 return 0
-            sent = 0
+            sent = self._streamed = 0
             while True:
                 try:
                     chunk = await anext(r.stream)
@@ -540,6 +545,7 @@ class Http1Protocol(asyncio.Protocol):
                     raise StreamBroken("body longer than its length")
                 self.transport.write(  # type: ignore[union-attr]
                     b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                self._streamed = sent
                 await self._drain()
             if r.length is not None and sent != r.length:
                 raise StreamBroken("body shorter than its length")

@@ -422,3 +422,22 @@ def test_a_front_end_without_log_shippers_keeps_only_counts(conn) -> None:
     assert get(c, "/cdn-cgi/trace")[0] == 200
     observer = handle.server.observer
     assert observer.logs == {} and observer.sample is None
+
+
+def test_a_response_cut_short_is_observed_with_the_bytes_sent(tmp_path, pki, origin) -> None:
+    sinks = Recorder()
+    size = 24 << 20
+    with edge(tmp_path, pki, origin, sinks) as handle:
+        raw = socket.create_connection(("127.0.0.1", handle.addresses[0][1]), TIMEOUT)
+        ctx = ssl.create_default_context(cafile=str(pki))
+        with ctx.wrap_socket(raw, server_hostname=HOST) as tls:
+            tls.sendall(f"GET /big?size={size} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+            got = 0
+            while got < 1 << 20:          # a megabyte, then the client is gone
+                got += len(tls.recv(65536))
+        deadline = time.monotonic() + TIMEOUT
+        while not sinks.logs and time.monotonic() < deadline:
+            time.sleep(0.02)
+    [record] = sinks.logs
+    assert record[5] == f"/big?size={size}" and record[6] == 200
+    assert 0 < record[7] < size             # what went out before the cut
