@@ -244,6 +244,8 @@ class Agent:
         try:
             cfg = load_serve_config(self.serve_path)
             L7Server(cfg)  # loads every certificate: a bad one refuses the reload here
+            if self.logs is not None:
+                self.logs.submitters(cfg)  # a zone now regional must log in its region
         except FAILURES as e:
             phase("reload", f"front end config refused, still serving the old one: {e}")
             return

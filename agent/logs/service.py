@@ -14,10 +14,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from agent.config import ConfigError
 from agent.l7.config import ServeConfig
 from agent.l7.observe import Sampling, Submit
 from agent.logs.config import LogsConfig
-from agent.logs.router import LogRouter
+from agent.logs.router import LogRouter, region_problems
 from agent.logs.sampler import Pseudonymizer, Sampler
 
 
@@ -35,7 +36,12 @@ class LogService:
         self.pseudonyms = Pseudonymizer(clock)
 
     def submitters(self, serve: ServeConfig) -> dict[str, Submit]:
-        """Zone -> its shipper's submit, for the served zones that keep logs."""
+        """Zone -> its shipper's submit, for the served zones that keep logs.
+        ConfigError if a zone the serve config restricts to a region (a
+        reloaded one, say) would log elsewhere than that region's core."""
+        problems = region_problems(self.cfg, {z.name: z.region for z in serve.zones})
+        if problems:
+            raise ConfigError("logs config: " + "\n".join(problems))
         return {z.name: submit for z in serve.zones
                 if (submit := self.router.submitter(z.name)) is not None}
 

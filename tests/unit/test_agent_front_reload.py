@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import yaml
 
 from agent.daemon import Agent
 from agent.l7.status import read_status
+from agent.logs.config import load_logs_config
+from control import pki
 from lab.certs import make_lab_pki
 
 HOSTS = {"www": ["www.example.com"]}
@@ -55,3 +58,32 @@ def test_a_new_config_that_cannot_bind_falls_back_to_the_old(agent, capsys) -> N
     a.reload_front()
     assert "serving the old config again" in capsys.readouterr().out
     assert a.front is not None and a.serve_cfg.listen == ("127.0.0.1",) and _serving(a)
+
+
+def test_a_zone_made_regional_by_a_reload_may_not_keep_logging_to_the_global_core(
+        agent, tmp_path: Path, capsys) -> None:
+    """logs.yaml sends www's logs to the global core; a serve.yaml that now
+    restricts www to the EU is refused (its logs would leave the region)."""
+    a, serve, cfg, _ = agent
+    net = tmp_path / "netpki"
+    pki.run(net, pki.plan({"dus": [ipaddress.ip_address("127.0.0.1")]}, [], {}))
+    logs = tmp_path / "logs.yaml"
+    logs.write_text(yaml.safe_dump({
+        "dc": "dus", "cert": str(net / "agents" / "dus.crt"),
+        "key": str(net / "agents" / "dus.key"), "ca": str(net / "ca.crt"),
+        "cores": {"global": {"url": "https://127.0.0.1:9"},
+                  "core-eu": {"url": "https://127.0.0.1:10", "regions": ["eu"]}},
+        "default_core": "global", "zones": {"www": {}}}))
+    a.logs_cfg = load_logs_config(logs)
+    a.start_logs()
+    try:
+        old = a.front
+        regional = {**cfg["zones"][0], "region": "eu", "addresses": ["198.51.100.65"]}
+        serve.write_text(yaml.safe_dump({**cfg, "zones": [regional]}))
+        a.reload_front()
+        out = capsys.readouterr().out
+        assert "front end config refused, still serving the old one" in out
+        assert "zone www" in out or "www" in out.split("refused", 1)[1]
+        assert a.front is old and _serving(a) and a.serve_cfg.zone("www").region is None
+    finally:
+        a.logs.stop(1.0)
