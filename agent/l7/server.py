@@ -71,7 +71,7 @@ from agent.l7.config import ConfigError, ServeConfig, load_serve_config, normali
 from agent.l7.counters import Counters, Refusal, RequestError
 from agent.l7.geo import CountryTable
 from agent.l7.guard import Guard, Reason, host_name
-from agent.l7.http1 import Http1Protocol, Limits, Observe, Request, Response
+from agent.l7.http1 import Http1Protocol, Limits, Request, Response
 from agent.l7.observe import Observer, Sampling, Submit
 from agent.l7.proxy import ZoneProxy
 
@@ -506,22 +506,22 @@ class L7Server:
         protocol.observe = self.observer.bind(zone, client, version or "")
         protocol.start(lambda request: self._answer(request, zone, client, tls=True))
 
-    def _observe_plain(self, client: str) -> Observe:
-        """A plain HTTP connection's observer: each request's Host names its
-        zone; a refused one (no zone served here) is not a zone's response."""
-        def observe(request: Request, response: Response, sent: int, seconds: float) -> None:
-            decision = self.guard.by_sni(host_name(request.host))
-            if decision.serve:
-                self.observer.finished(decision.zone, client, "", request, response, sent,
-                                       seconds)
-        return observe
-
     async def _plain_http(self, conn: socket.socket, client: str) -> None:
         """Port 80: each request's Host picks the zone (as SNI does on 443);
         the zone redirects to HTTPS or is served in plain."""
         loop = asyncio.get_running_loop()
+        # The zone of the request being answered, for its observer: a
+        # connection answers its requests one at a time, in order, and
+        # observes each before it hands the next to handle().
+        answering: list[str | None] = [None]
+
+        def observe(request: Request, response: Response, sent: int, seconds: float) -> None:
+            if answering[0] is not None:   # a refused one is no zone's response
+                self.observer.finished(answering[0], client, "", request, response, sent,
+                                       seconds)
+
         protocol = Http1Protocol(self.limits, self.counters, registry=self._open,
-                                 observe=self._observe_plain(client))
+                                 observe=observe)
         try:
             await loop.connect_accepted_socket(lambda: protocol, conn)
         except OSError:
@@ -530,6 +530,7 @@ class L7Server:
 
         def handle(request: Request) -> Response | Awaitable[Response]:
             decision = self.guard.by_sni(host_name(request.host))
+            answering[0] = decision.zone if decision.serve else None
             if not decision.serve:
                 self.counters.refused(Refusal(decision.reason))
                 return Response(421, b"this server does not serve that host here\n")

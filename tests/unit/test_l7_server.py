@@ -571,8 +571,13 @@ def test_plain_http_redirects_or_serves_per_zone(tmp_path, pki) -> None:
         assert status == 421
         status, _, _ = _plain_get(port, "nobody.example")
         assert status == 421
-        refused = h.counters.snapshot()["refused"]
-        assert refused["region_sni"] == 1 and refused["unknown_sni"] == 1
+        snap = h.counters.snapshot()
+        assert snap["refused"]["region_sni"] == 1 and snap["refused"]["unknown_sni"] == 1
+        # Each answer counts for the zone its Host named; refused ones for none.
+        responses = snap["responses"]
+        assert responses["shop-eu"]["3xx"]["none"] == 1
+        assert responses["www"]["2xx"]["none"] == 1
+        assert sum(n for z in responses.values() for c in z.values() for n in c.values()) == 2
 
 
 def test_zone_rules_answer_through_tls(tmp_path, pki) -> None:
