@@ -20,7 +20,9 @@
     batch_records: 2000                       # a batch is sent at this many records, or
     batch_seconds: 2.0                        #   this long after the first one waited
     buffer_bytes: 67108864                    # gzip batches kept per core and stream (memory)
-    max_pending_records: 50000                # records not yet encoded, per core and stream
+    max_pending_records: 50000                # records not yet encoded, per core and stream,
+    max_pending_bytes: 67108864               #   and their estimated memory (the request
+                                              #   heads' host, path and user agent, mostly)
     gzip_level: 6
     timeout_seconds: 20
     sample: {rate: 0.01, core: core}          # core defaults to default_core; rate 0: off
@@ -110,6 +112,7 @@ class LogsConfig(Frozen):
     batch_seconds: float = Field(default=2.0, gt=0, le=300)
     buffer_bytes: int = Field(default=64 << 20, ge=1024, le=1 << 32)
     max_pending_records: int = Field(default=50_000, ge=1, le=10_000_000)
+    max_pending_bytes: int = Field(default=shipper.MAX_PENDING_BYTES, ge=1 << 20, le=1 << 34)
     gzip_level: int = Field(default=shipper.GZIP_LEVEL, ge=1, le=9)
     timeout_seconds: float = Field(default=shipper.TIMEOUT, gt=0, le=300)
     sample: SampleCfg = SampleCfg()

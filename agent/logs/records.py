@@ -14,6 +14,18 @@ Normalised here (off the event loop): `time` and `latency_ms` rounded to
 milliseconds, `host` and `cache_status` lowercased (cache Status is
 upper-case), StrEnum values written as their text. Error messages name the
 field and what was expected, never the value (it may be personal data).
+
+Every string sent is valid Unicode, so its UTF-8 is valid: the core stores
+UTF-8 and refuses a record it cannot encode, with the whole batch. A string
+holding lone surrogates (text decoded with 'surrogateescape' carries each
+undecodable byte as U+DC80..U+DCFF) is repaired before encoding: such a raw
+byte becomes %XX (upper-case hex; lowercased in `host`, with the rest of
+it), as a URL would escape it, so a customer reads the path, host or user
+agent byte for byte as it arrived (a literal "%C3" and a raw byte 0xC3
+then read alike); any other lone surrogate becomes U+FFFD. A string that
+is ASCII (nearly all) costs one isascii() call. Numbers keep to the core's
+bounds (core/records.py): an integer from 2**63 on is refused, and so is a
+number that is not finite (or, for `time` and `latency_ms`, 2**63 or more).
 """
 
 from __future__ import annotations
@@ -40,9 +52,11 @@ SAMPLE_FIELDS = ("time", "dc", "zone", "method", "status", "bytes", "cache_statu
                  "latency_ms", "tls_version", "client", "period")
 FIELDS = {LOGS: LOG_FIELDS, SAMPLE: SAMPLE_FIELDS}
 
-# One encoder for every line: compact separators, ASCII only (a path that
-# was decoded with surrogateescape still encodes instead of raising).
+# One encoder for every line: compact separators, ASCII only (non-ASCII text
+# as \uXXXX escapes; _str has already replaced every lone surrogate).
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
+MAX_INT = 2**63 - 1   # the core's bound for a record's numbers (core/records.py)
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 class RecordError(ValueError):
@@ -52,14 +66,14 @@ class RecordError(ValueError):
 def _number(value: object) -> float:
     if type(value) is int:  # (bool is not a number; isfinite overflows on huge ints)
         value = float(value) if value <= 1 << 53 else math.inf
-    if type(value) is not float or not math.isfinite(value) or value < 0:
-        raise RecordError("expected a finite number >= 0")
+    if type(value) is not float or not 0 <= value <= MAX_INT:  # NaN and inf fail too
+        raise RecordError("expected a finite number >= 0 and < 2**63")
     return round(value, 3)
 
 
 def _int(value: object) -> int:
-    if type(value) is not int or value < 0:
-        raise RecordError("expected an integer >= 0")
+    if type(value) is not int or not 0 <= value <= MAX_INT:
+        raise RecordError("expected an integer from 0 to 2**63 - 1")
     return value
 
 
@@ -69,10 +83,27 @@ def _status(value: object) -> int:
     return value
 
 
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"%{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else "\ufffd"
+
+
+def valid_text(text: str) -> str:
+    """`text` with each lone surrogate replaced (see the module docstring):
+    the raw byte of 'surrogateescape' as %XX, any other as U+FFFD."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text)
+    return text
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise RecordError("expected a string")
-    return value
+    return valid_text(value)
 
 
 def _lower(value: object) -> str:

@@ -28,8 +28,9 @@ from cryptography.x509.oid import NameOID
 from agent.config import ConfigError
 from agent.logs.config import LogsConfig, cross_problems
 from agent.logs.records import LOGS, SAMPLE
-from agent.logs.shipper import Shipper, client_context
+from agent.logs.shipper import Shipper
 from agent.metrics.server import TlsFiles
+from agent.metrics.tls import client_context
 
 AGENT_CN = "{dc}.dc.privedge.internal"  # control/pki.py plan(): the core reads the DC from it
 
@@ -37,7 +38,7 @@ AGENT_CN = "{dc}.dc.privedge.internal"  # control/pki.py plan(): the core reads 
 class ShipperLike(Protocol):
     def submit(self, record: tuple) -> None: ...
     def start(self) -> object: ...
-    def stop(self, timeout: float) -> None: ...
+    def stop(self, timeout: float, flush_first: bool = True) -> None: ...
     def flush(self, timeout: float) -> bool: ...
     def reload(self, tls: TlsFiles | None = None) -> None: ...
     def stats(self) -> dict[str, int | str]: ...
@@ -52,7 +53,8 @@ def make_shipper(cfg: LogsConfig, stream: str, core: str) -> Shipper:
     return Shipper(dc=cfg.dc, stream=stream, core=core, url=c.url, tls=cfg.tls,
                    tls_name=c.tls_name, batch_records=cfg.batch_records,
                    batch_seconds=cfg.batch_seconds, buffer_bytes=cfg.buffer_bytes,
-                   max_pending_records=cfg.max_pending_records, gzip_level=cfg.gzip_level,
+                   max_pending_records=cfg.max_pending_records,
+                   max_pending_bytes=cfg.max_pending_bytes, gzip_level=cfg.gzip_level,
                    timeout=cfg.timeout_seconds)
 
 
@@ -159,11 +161,12 @@ class LogRouter:
                     for s in self.shippers.values()])
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Flush all for at most `timeout` together, then stop each."""
+        """Flush all for at most `timeout` together, then stop each without
+        a flush of its own (a core that is down would cost it again)."""
         deadline = time.monotonic() + timeout
         self.flush(timeout)
         for s in self.shippers.values():
-            s.stop(max(0.1, deadline - time.monotonic()))
+            s.stop(max(0.1, deadline - time.monotonic()), flush_first=False)
 
     def stats(self) -> list[tuple[str, str, dict[str, int | str]]]:
         """(stream, core, Shipper.stats()) for each shipper."""

@@ -14,9 +14,16 @@ collector reads stats().
 
 Three stages, each bounded, none on disk (invariant 5):
 
-  submit()    deque.append after a length check; over max_pending_records
-              the record is dropped and counted. No lock, no encoding, no
-              syscall (one Event.set per batch_records, to wake the encoder).
+  submit()    deque.append after a length and a size check: over
+              max_pending_records, or over max_pending_bytes, the record is
+              dropped and counted. The size is an estimate, a constant
+              (RECORD_BYTES: the tuple, its numbers and short strings) plus
+              the length of the strings a request can make long (host, path,
+              user agent: up to the front end's head limit each); it bounds
+              the memory of records waiting for the encoder when requests
+              are large, where the count alone would allow 50,000 request
+              heads. No lock, no encoding, no syscall (one Event.set per
+              batch_records, to wake the encoder).
   encoder     thread: takes up to batch_records once that many are waiting,
               or batch_seconds after it first saw one waiting (it looks at
               least every TICK), encodes NDJSON, gzips, names the batch
@@ -31,8 +38,19 @@ Three stages, each bounded, none on disk (invariant 5):
 
 Accounting, exact at any snapshot: submitted = sent + dropped + rejected +
 pending_records. `rejected` is the core's 400/413 plus records that
-records.py refuses before they could spoil a batch. stop() counts whatever
-is still pending as dropped.
+records.py refuses before they could spoil a batch.
+
+stop() counts whatever is still pending as dropped, once no thread can
+still decide it: at once for the record queue and the batches not in
+flight, and for a batch in flight (or records being encoded) when its
+thread ends: stop() aborts the sender's connection (shutdown() wakes a
+connect the core never answers, a handshake, a send or a wait for the
+answer), so that is normally within stop's timeout; a thread stuck past it
+(in a name lookup, say) settles its part when it ends, at the latest after
+`timeout`. An answer that arrives meanwhile still counts (200: sent); a
+failure is not retried and not logged as a retry: its records are dropped.
+So after stop() and the threads' end, pending_records is 0 and dropped is
+submitted - sent - rejected.
 """
 
 from __future__ import annotations
@@ -53,18 +71,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from agent.logs.records import ENCODERS, STREAMS
+from agent.logs.records import ENCODERS, LOG_FIELDS, LOGS, STREAMS
 from agent.metrics.server import TlsFiles
+from agent.metrics.tls import client_context
 
 log = logging.getLogger(__name__)
 
 # <boot> of PROTOCOL.md: random per agent start (per process). <seq> comes
-# from one counter per stream for the whole process, so a shipper made anew
-# (a SIGHUP with a changed logs.yaml) never repeats an id the core would
-# then answer as a duplicate, silently dropping the new batch.
+# from one counter per stream for the whole process, not per Shipper: the
+# shippers of one stream to different cores share the <dc>:<stream>:<boot>
+# prefix, and a router built again in the same process (tests, a future
+# reload) must not repeat an id, which the core would answer as a
+# duplicate, silently dropping the new batch.
 BOOT = secrets.token_hex(8)
 _SEQ = {stream: itertools.count(1) for stream in STREAMS}
 PATHS = {stream: f"/v1/ingest/{stream}" for stream in STREAMS}
+ENCODER, SENDER = "encode", "send"  # the threads' roles (and their names' last part)
 
 # Measured on 2000-record batches of ~290-byte log lines: level 6 costs
 # 1.7 µs a record against level 1's 0.65, and makes batches a quarter
@@ -78,6 +100,14 @@ TICK = 0.25           # the encoder's longest sleep: how late a time-based batch
 BACKOFF = (0.2, 5.0)  # first retry delay, cap (doubling, with jitter)
 TIMEOUT = 20.0        # connect, send and answer, per attempt
 ERROR_CHARS = 160
+MAX_PENDING_BYTES = 64 << 20  # records not yet encoded (estimated: RECORD_BYTES + long strings)
+# A record's memory besides its long strings' characters (sys.getsizeof,
+# CPython 3.11): a log record's 12-slot tuple (136 bytes), time and bytes
+# (52), the client's address text (~61) and the three long strings' headers
+# (49 each) make ~396; the other strings are shared by many records. A
+# sample record (pseudonym and period text instead) comes to ~350.
+RECORD_BYTES = 400
+_HOST, _PATH, _AGENT = (LOG_FIELDS.index(f) for f in ("host", "path", "user_agent"))
 
 
 @dataclass(eq=False)
@@ -91,28 +121,55 @@ class Batch:
 
 class _Connection(http.client.HTTPSConnection):
     """HTTPS to `host`, the certificate checked against `tls_name`: the URL
-    may give the core's address while its certificate is checked by name."""
+    may give the core's address while its certificate is checked by name.
+
+    Its TCP socket is made here rather than by socket.create_connection, so
+    that `raw` holds it before connect(): Shipper.stop() shuts it down to
+    wake a connect that a core with a full accept queue never answers."""
 
     def __init__(self, host: str, port: int, tls_name: str, context: ssl.SSLContext,
-                 timeout: float) -> None:
+                 timeout: float, halt: threading.Event) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self.tls_name = tls_name
         self.used = False  # a kept-alive connection the core may have closed meanwhile
+        self.halt = halt
+        self.raw: socket.socket | None = None  # the TCP socket, from before its connect
 
     def connect(self) -> None:
-        http.client.HTTPConnection.connect(self)  # TCP (and TCP_NODELAY)
-        self.sock = self._context.wrap_socket(self.sock,  # type: ignore[attr-defined]
+        sock = self._tcp()
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = sock  # stop() shuts it down during the handshake too
+        self.sock = self._context.wrap_socket(sock,  # type: ignore[attr-defined]
                                               server_hostname=self.tls_name)
 
+    def _tcp(self) -> socket.socket:
+        """A connected socket to the first of host's addresses that answers."""
+        error = OSError(f"{self.host}: no address")
+        for family, kind, proto, _, address in socket.getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM):
+            sock = self.raw = socket.socket(family, kind, proto)
+            try:
+                if self.halt.is_set():  # after `raw` is set: stop() sees one or the other
+                    raise OSError("the shipper is stopping")
+                sock.settimeout(self.timeout)
+                sock.connect(address)
+            except OSError as e:
+                sock.close()
+                error = e
+                continue
+            return sock
+        raise error
 
-def client_context(files: TlsFiles) -> ssl.SSLContext:
-    """TLS 1.2+, the core verified against the network CA by name, our
-    agent certificate presented. A bad file raises here, not per batch."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(files.ca)
-    ctx.load_cert_chain(files.cert, files.key)
-    return ctx
+    def abort(self) -> None:
+        """From another thread: wake whatever this connection waits for
+        (connect, handshake, send, answer); it then fails with OSError.
+        socket.socket's own shutdown, also for the TLS socket: SSLSocket's
+        would drop its SSL object under the thread still using it."""
+        for sock in (self.sock, self.raw):
+            if sock is not None:
+                with contextlib.suppress(OSError):  # closed or detached: nothing to wake
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _short(e: BaseException) -> str:
@@ -126,7 +183,8 @@ class Shipper:
     def __init__(self, *, dc: str, stream: str, url: str, tls: TlsFiles, core: str = "core",
                  tls_name: str | None = None, batch_records: int = 2000,
                  batch_seconds: float = 2.0, buffer_bytes: int = 64 << 20,
-                 max_pending_records: int = 50_000, gzip_level: int = GZIP_LEVEL,
+                 max_pending_records: int = 50_000,
+                 max_pending_bytes: int = MAX_PENDING_BYTES, gzip_level: int = GZIP_LEVEL,
                  timeout: float = TIMEOUT, backoff: tuple[float, float] = BACKOFF,
                  boot: str = BOOT) -> None:
         if stream not in ENCODERS:
@@ -137,9 +195,11 @@ class Shipper:
         if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
             raise ValueError(f"core {core}: url {url!r}: expected https://HOST[:PORT]")
         if batch_records < 1 or batch_seconds <= 0 or buffer_bytes < 1 \
-                or max_pending_records < 1 or not 0 <= gzip_level <= 9:
-            raise ValueError(f"core {core}: batch_records, batch_seconds, buffer_bytes and "
-                             "max_pending_records must be positive, gzip_level 0-9")
+                or max_pending_records < 1 or max_pending_bytes < 1 \
+                or not 0 <= gzip_level <= 9:
+            raise ValueError(f"core {core}: batch_records, batch_seconds, buffer_bytes, "
+                             "max_pending_records and max_pending_bytes must be positive, "
+                             "gzip_level 0-9")
         self.dc, self.stream, self.core = dc, stream, core
         self.tls = tls
         self._host, self._port = parts.hostname, parts.port or 443
@@ -157,6 +217,9 @@ class Shipper:
         # Written by submit() only (the event loop): no lock needed to be exact.
         self._records: deque[tuple] = deque()
         self._overflow = 0
+        self._in_bytes = 0         # estimated bytes of every record queued (record_bytes)
+        self._max_bytes = max_pending_bytes
+        self._long = stream == LOGS  # only a log record has long strings
         self._wake = threading.Event()
 
         # Everything below is guarded by _cv.
@@ -171,6 +234,8 @@ class Shipper:
         self._inflight: Batch | None = None  # never dropped: an answer may be on its way
         self._sent = self._batches_sent = self._dropped = self._rejected = self._retries = 0
         self._last_error = ""
+        self._out_bytes = 0        # estimated bytes of records taken off _records
+        self._live: set[str] = set()  # roles of the threads still running
 
         self._halt = threading.Event()
         self._conn: _Connection | None = None
@@ -181,45 +246,80 @@ class Shipper:
 
     def submit(self, record: tuple) -> None:
         """Queue one record (a tuple in records.FIELDS[stream] order); O(1).
-        Call it from one thread (the event loop): the drop count has one writer."""
+        Call it from one thread (the event loop): the drop count has one writer.
+        Its size is record_bytes(record), written out here to spare a call."""
+        if self._long:
+            try:
+                size = RECORD_BYTES + len(record[_HOST]) + len(record[_PATH]) \
+                    + len(record[_AGENT])
+            except (IndexError, TypeError):
+                size = RECORD_BYTES  # malformed: the encoder refuses it, alone
+        else:
+            size = RECORD_BYTES
         records = self._records
-        if len(records) < self._max_pending:
+        if len(records) < self._max_pending \
+                and self._in_bytes - self._out_bytes + size <= self._max_bytes:
+            self._in_bytes += size
             records.append(record)
             if len(records) == self._batch_records:
                 self._wake.set()  # once per batch: the encoder need not wait for a tick
         else:
             self._overflow += 1
 
+    def record_bytes(self, record: tuple) -> int:
+        """submit()'s size estimate of a record (they must agree exactly: the
+        queue's size is what submit added minus what was taken)."""
+        if not self._long:
+            return RECORD_BYTES
+        try:
+            return RECORD_BYTES + len(record[_HOST]) + len(record[_PATH]) \
+                + len(record[_AGENT])
+        except (IndexError, TypeError):
+            return RECORD_BYTES
+
     # ------------------------------------------------------------------ control
 
     def start(self) -> Shipper:
         name = f"privedge-logs-{self.stream}-{self.core}"
+        roles = ((self._encode_loop, ENCODER), (self._send_loop, SENDER))
         self._threads = [
-            threading.Thread(target=self._guard(loop), name=f"{name}-{role}", daemon=True)
-            for loop, role in ((self._encode_loop, "encode"), (self._send_loop, "send"))]
+            threading.Thread(target=self._guard(loop, role), name=f"{name}-{role}",
+                             daemon=True)
+            for loop, role in roles]
+        with self._cv:
+            self._live.update(role for _, role in roles)
         for t in self._threads:
             t.start()
         return self
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+    def _guard(self, loop: Callable[[], None], role: str) -> Callable[[], None]:
         """Run a thread's loop; a bug in it is logged, counted and survived
-        (the records the encoder held are dropped, so the counts stay exact)."""
+        (the records the encoder held are dropped, so the counts stay exact).
+        A thread ending after stop() counts what it leaves as dropped."""
         def run() -> None:
-            while not self._halt.is_set():
-                try:
-                    loop()
-                except Exception as e:
-                    log.exception("log shipper %s/%s: %s", self.stream, self.core, loop.__name__)
-                    with self._cv:
-                        self._last_error = f"internal error: {_short(e)}"[:ERROR_CHARS]
-                        if loop == self._encode_loop:
-                            self._dropped += self._encoding
-                            self._encoding, self._encoding_first = 0, None
-                        self._inflight = None
-                        self._cv.notify_all()
-                    self._halt.wait(1.0)
-                else:
-                    return
+            try:
+                while not self._halt.is_set():
+                    try:
+                        loop()
+                    except Exception as e:
+                        log.exception("log shipper %s/%s: %s", self.stream, self.core, role)
+                        with self._cv:
+                            self._last_error = f"internal error: {_short(e)}"[:ERROR_CHARS]
+                            if role == ENCODER:
+                                self._dropped += self._encoding
+                                self._encoding, self._encoding_first = 0, None
+                            else:
+                                self._inflight = None
+                            self._cv.notify_all()
+                        self._halt.wait(1.0)
+                    else:
+                        return
+            finally:
+                with self._cv:
+                    self._live.discard(role)
+                    if self._halt.is_set():
+                        self._settle()
+                    self._cv.notify_all()
         return run
 
     @property
@@ -262,11 +362,13 @@ class Shipper:
         return bool(self._threads) and all(t.is_alive() for t in self._threads) \
             and not self._halt.is_set()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Flush for at most `timeout`, end the threads, count what is left
-        as dropped; later submissions are counted as dropped too."""
+    def stop(self, timeout: float = 5.0, flush_first: bool = True) -> None:
+        """Flush for at most `timeout` (not if `flush_first` is False: the
+        caller flushed already), end the threads, count what is left as
+        dropped (see the module docstring for a thread that outlives
+        `timeout`); later submissions are counted as dropped too."""
         deadline = time.monotonic() + timeout
-        if self._running():
+        if flush_first and self._running():
             self.flush(timeout)
         self._max_pending = 0  # submit() now only counts
         self._halt.set()
@@ -274,32 +376,40 @@ class Shipper:
         with self._cv:
             self._cv.notify_all()
         conn = self._conn
-        if conn is not None and conn.sock is not None:
-            with contextlib.suppress(OSError):  # wake a sender blocked on the core
-                conn.sock.shutdown(socket.SHUT_RDWR)
+        if conn is not None:
+            conn.abort()  # wake a sender blocked on the core: its attempt fails at once
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
-        encoder, sender = (t.is_alive() for t in self._threads) if self._threads \
-            else (False, False)
         with self._cv:
-            left = len(self._records)
-            for _ in range(left):  # not clear(): a late submit() stays counted, as pending
-                self._records.popleft()
-            self._taken += left
-            self._dropped += left
-            # A sender still blocked on the core keeps its batch: its answer decides.
-            keep = self._inflight if sender else None
-            for batch in self._batches:
-                if batch is not keep:
-                    self._dropped += batch.records
-            self._batches = deque([keep] if keep is not None else [])
-            self._batched = keep.records if keep is not None else 0
-            self._bytes = len(keep.body) if keep is not None else 0
-            if not encoder:
-                self._dropped += self._encoding
-                self._encoding, self._encoding_first = 0, None
+            self._settle()
             self._cv.notify_all()
-        self._close()
+            sender_done = SENDER not in self._live
+        if sender_done:
+            self._close()  # else the sender closes it: never close a socket in use
+
+    def _settle(self) -> None:
+        """Under _cv, once halted: count as dropped what no running thread
+        will still decide: the record queue, every batch but the one a live
+        sender has in flight (its answer decides), and the records a finished
+        encoder held. Idempotent: stop() and each thread's end call it."""
+        left = len(self._records)
+        take = self._records.popleft
+        size = 0
+        for _ in range(left):  # not clear(): a late submit() stays counted, as pending
+            size += self.record_bytes(take())
+        self._out_bytes += size
+        self._taken += left
+        self._dropped += left
+        keep = self._inflight if SENDER in self._live else None
+        for batch in self._batches:
+            if batch is not keep:
+                self._dropped += batch.records
+        self._batches = deque([keep] if keep is not None else [])
+        self._batched = keep.records if keep is not None else 0
+        self._bytes = len(keep.body) if keep is not None else 0
+        if ENCODER not in self._live:
+            self._dropped += self._encoding
+            self._encoding, self._encoding_first = 0, None
 
     def stats(self) -> dict[str, int | str]:
         """Exact counts (a consistent snapshot); last_error is the most recent
@@ -341,11 +451,15 @@ class Shipper:
             self._wake.clear()
 
     def _cut(self, n: int) -> None:
-        """Take n records, encode and queue them as one batch (or more, if
-        they exceed MAX_BATCH_BYTES)."""
+        """Take up to n records, encode and queue them as one batch (or more,
+        if they exceed MAX_BATCH_BYTES)."""
         with self._cv:
+            n = min(n, len(self._records))  # stop() may have emptied it since
+            if n == 0:
+                return
             take = self._records.popleft
             records = [take() for _ in range(n)]
+            self._out_bytes += sum(map(self.record_bytes, records))
             first = self._taken
             self._taken += n
             self._encoding, self._encoding_first = n, first
@@ -413,20 +527,27 @@ class Shipper:
                 batch = self._inflight = self._batches[0]
                 gen = self._context_gen
             status, error = self._attempt(batch, gen)
+            halted = self._halt.is_set()
             with self._cv:
                 self._inflight = None
                 batch.attempts += 1
-                if status == 200 or status in (400, 413):
-                    self._batches.popleft()  # it was [0] and in flight: nothing removed it
+                done = status in (200, 400, 413)
+                if done or halted:
+                    # It was [0] and in flight: nothing removed it (_queue and
+                    # _settle spare the batch in flight of a live sender).
+                    self._batches.popleft()
                     self._batched -= batch.records
                     self._bytes -= len(batch.body)
-                    if status == 200:
-                        self._sent += batch.records
-                        self._batches_sent += 1
-                        self._last_error = ""
-                    else:
-                        self._rejected += batch.records
-                        self._last_error = f"HTTP {status}: core rejected batch {batch.id}"
+                if status == 200:
+                    self._sent += batch.records
+                    self._batches_sent += 1
+                    self._last_error = ""
+                elif done:
+                    self._rejected += batch.records
+                    self._last_error = f"HTTP {status}: core rejected batch {batch.id}"
+                elif halted:  # stopped: not retried, so dropped (and no retry warning)
+                    self._dropped += batch.records
+                    self._last_error = error
                 else:
                     self._retries += 1
                     self._last_error = error
@@ -440,6 +561,8 @@ class Shipper:
                                 failures)
                 failures = 0
                 continue
+            if halted or self._halt.is_set():
+                break  # stopped: the batch is dropped (above, or by _settle), not retried
             if failures == 0:
                 log.warning("core %s: %s; retrying batch %s", self.core, error, batch.id)
             failures += 1
@@ -486,7 +609,7 @@ class Shipper:
             self._close()  # reloaded certificates: a new handshake with them
         if self._conn is None:
             self._conn = _Connection(self._host, self._port, self._tls_name, self._context,
-                                     self._timeout)
+                                     self._timeout, self._halt)
             self._conn_gen = gen
         return self._conn
 

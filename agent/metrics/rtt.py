@@ -27,21 +27,13 @@ from prometheus_client.metrics_core import Metric
 
 from agent.metrics.families import cumulative
 from agent.metrics.server import TlsFiles
+from agent.metrics.tls import client_context
 
 DOMAIN = "dc.privedge.internal"    # control/pki.py names each DC's agent <dc>.dc.<this>
 # A backbone between two namespaces is tens of microseconds, between real
 # DCs milliseconds to a few hundred.
 BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
            0.5, 1.0)
-
-
-def client_context(files: TlsFiles) -> ssl.SSLContext:
-    """This agent's certificate as a client; the peer verified against the CA."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(files.ca)
-    ctx.load_cert_chain(files.cert, files.key)
-    return ctx
 
 
 class _Peer:

@@ -33,14 +33,19 @@ import yaml
 from cryptography import x509
 from prometheus_client.registry import CollectorRegistry
 
+import core.records as core_records
 from agent.config import ConfigError
 from agent.logs import config as logs_config
+from agent.logs import records as edge_records
+from agent.logs import router as router_mod
+from agent.logs import shipper as shipper_mod
 from agent.logs.config import LogsConfig, load_logs_config, parse_logs_config
 from agent.logs.metrics import LogsCollector
 from agent.logs.records import ENCODERS, FIELDS, LOG_FIELDS, SAMPLE_FIELDS, RecordError
 from agent.logs.router import LogRouter, check_identity
 from agent.logs.sampler import Pseudonymizer
-from agent.logs.shipper import Shipper
+from agent.logs.shipper import RECORD_BYTES, Shipper
+from agent.metrics import rtt, tls
 from agent.metrics.registry import LABELS, AllowlistRegistry, MetricsError
 from agent.metrics.server import TlsFiles
 from control import pki
@@ -366,6 +371,7 @@ def test_a_malformed_record_is_refused_alone(core: FakeCore, make_shipper) -> No
     st = s.stats()
     assert (st["submitted"], st["sent"], st["rejected"], st["dropped"]) == (4, 2, 2, 0)
     assert st["last_error"] == ""  # the acked batch after the refusal cleared it
+    assert s._in_bytes == s._out_bytes > 0  # submit's size estimate and the encoder's agree
 
 
 @pytest.mark.parametrize(("index", "value", "field", "why"), [
@@ -376,6 +382,8 @@ def test_a_malformed_record_is_refused_alone(core: FakeCore, make_shipper) -> No
     (9, "drop_it", "action", "expected one of"),
     (10, "198.51.100.999", "client_ip", "expected an IPv4 or IPv6 address"),
     (11, None, "user_agent", "expected a string"),
+    (7, 2**63, "bytes", "expected an integer from 0 to 2**63 - 1"),
+    (0, 2.0**63, "time", "expected a finite number"),
 ])
 def test_the_encoder_names_the_field_and_never_the_value(index: int, value: object,
                                                           field: str, why: str) -> None:
@@ -385,6 +393,59 @@ def test_the_encoder_names_the_field_and_never_the_value(index: int, value: obje
         ENCODERS["logs"](tuple(rec))
     assert str(e.value).startswith(f"field {field!r}: {why}"), str(e.value)
     assert repr(value) not in str(e.value) or value is None
+
+
+def _core_rules() -> core_records.Rules:
+    return core_records.Rules(dc="dus", now=2_000_000_000.0, zones={"www": {}},
+                              retention_days=lambda zone: 100_000)
+
+
+def test_raw_bytes_in_strings_arrive_as_valid_utf8_percent_escaped() -> None:
+    """A string decoded with surrogateescape holds each undecodable byte as a
+    lone surrogate, which JSON writes as \\udcXX and the core cannot store as
+    UTF-8 (it refuses the whole batch): the edge sends the byte as %XX."""
+    raw_path = b"/caf\xc3\xa9/\xff?q=\xe9".decode("utf-8", "surrogateescape")
+    rec = list(log_record(0))
+    rec[4] = b"www.ex\xe4mple.com".decode("utf-8", "surrogateescape")
+    rec[5] = raw_path
+    rec[11] = "bot/1 \ud83d"   # a lone high surrogate, not from a byte: U+FFFD
+    line = ENCODERS["logs"](tuple(rec))
+    assert "\\ud" not in line.lower()
+    parsed = core_records.parse_batch("logs", (line + "\n").encode(), _core_rules())
+    (records,) = parsed.groups.values()
+    stored = core_records.dump_records(records).decode("utf-8")  # the core's store encodes
+    got = json.loads(stored)
+    assert got["path"] == "/caf\u00e9/%FF?q=%E9"   # valid UTF-8 stays text, the rest %XX
+    assert got["host"] == "www.ex%e4mple.com"      # lowercased, like every host
+    assert got["user_agent"] == "bot/1 \ufffd"
+    # Valid text is left alone, surrogate pairs included (JSON escapes them in pairs).
+    assert edge_records.valid_text("é 😀 /x") == "é 😀 /x"
+    sample = (1.0, "dus", "w\udcff", "GET", 200, 1, "", "", 1.0, "", "0" * 32, "2024-01-01")
+    assert json.loads(ENCODERS["sample"](sample))["zone"] == "w%FF"
+
+
+def test_integers_the_core_refuses_are_refused_alone_at_the_edge() -> None:
+    biggest = (*log_record(0)[:7], 2**63 - 1, *log_record(0)[8:])
+    line = ENCODERS["logs"](biggest)
+    assert core_records.parse_batch("logs", (line + "\n").encode(), _core_rules()).records == 1
+    with pytest.raises(RecordError, match="field 'bytes'"):
+        ENCODERS["logs"]((*biggest[:7], 2**63, *biggest[8:]))
+    for latency in (float("inf"), 2.0**64, 10**30):
+        sample = (1.0, "dus", "www", "GET", 200, 1, "", "", latency, "", "0" * 32,
+                  "2024-01-01")
+        with pytest.raises(RecordError, match="field 'latency_ms'"):
+            ENCODERS["sample"](sample)
+
+
+def test_the_edges_schema_is_the_cores() -> None:
+    """core/records.py checks what agent/logs/records.py writes: one schema,
+    declared twice, so held equal here."""
+    assert edge_records.LOG_FIELDS == core_records.LOG_KEYS
+    assert edge_records.SAMPLE_FIELDS == core_records.SAMPLE_KEYS
+    assert edge_records.CACHE_STATUSES == core_records.CACHE_STATUSES
+    assert edge_records.TLS_VERSIONS == core_records.TLS_VERSIONS
+    # The core checks actions by shape (a newer edge's action is not refused).
+    assert all(core_records._ACTION_RE.match(a) for a in edge_records.ACTIONS)
 
 
 # --------------------------------------------------------------------------- failures
@@ -448,6 +509,37 @@ def test_overflow_drops_the_oldest_and_counts_exactly(core: FakeCore, make_shipp
     assert paths == sorted(set(paths), key=paths.index)
     assert [int(p.split("/")[2].split("?")[0]) for p in paths] == \
         sorted(int(p.split("/")[2].split("?")[0]) for p in paths)
+
+
+def test_the_record_queue_is_bounded_in_bytes_too(net: Path, make_shipper) -> None:
+    """Records with long request heads reach max_pending_bytes long before
+    max_pending_records; either bound drops, and counts, exactly."""
+    long_rec = (*log_record(0)[:5], "/" + "a" * 9_999, *log_record(0)[6:])
+    short = log_record(1)
+    s = make_shipper("https://127.0.0.1:9", start=False, max_pending_records=1000,
+                     max_pending_bytes=1)
+    big = s.record_bytes(long_rec)
+    assert big == RECORD_BYTES + len("WWW.Example.com") + 10_000 + len("curl/8.5")
+    s = make_shipper("https://127.0.0.1:9", start=False, max_pending_records=1000,
+                     max_pending_bytes=3 * big + s.record_bytes(short) - 1)
+    for _ in range(5):
+        s.submit(long_rec)
+    st = s.stats()
+    assert (st["submitted"], st["dropped"], st["pending_records"]) == (5, 2, 3)
+    s.submit(short)   # one byte too many
+    s.submit(("malformed",))  # sized RECORD_BYTES, refused later by the encoder
+    st = s.stats()
+    assert (st["submitted"], st["dropped"], st["pending_records"]) == (7, 3, 4)
+    s._cut(2)  # the encoder takes two: their bytes are free again
+    s.submit(long_rec)
+    s.submit(long_rec)
+    s.submit(long_rec)
+    st = s.stats()
+    assert (st["submitted"], st["dropped"], st["pending_records"]) == (10, 4, 6)
+    s.stop(0.1)
+    assert s._in_bytes == s._out_bytes
+    st = s.stats()
+    assert (st["dropped"] + st["rejected"], st["pending_records"]) == (10, 0)
 
 
 def test_the_record_queue_bound_drops_exactly(net: Path, make_shipper) -> None:
@@ -558,6 +650,120 @@ def test_stop_drops_what_is_left_and_counts_it(core: FakeCore, make_shipper) -> 
     assert all(not t.is_alive() for t in s.threads)
     st = s.stats()
     assert (st["submitted"], st["dropped"], st["sent"], st["pending_records"]) == (25, 25, 0, 0)
+
+
+def _full_backlog() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener that never accepts, its accept queue filled: a connect to it
+    gets no SYN-ACK and waits for its whole timeout, like a swamped core."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    for _ in range(4):
+        c = socket.socket()
+        c.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            c.connect(listener.getsockname())
+        fillers.append(c)
+    time.sleep(0.1)
+    return listener, fillers
+
+
+def test_stop_ends_a_sender_stuck_connecting_and_drops_its_batch(make_shipper,
+                                                                  caplog) -> None:
+    listener, fillers = _full_backlog()
+    try:
+        port = listener.getsockname()[1]
+        s = make_shipper(f"https://127.0.0.1:{port}", timeout=30.0)
+        for i in range(25):
+            s.submit(log_record(i))
+        assert wait_for(lambda: s._inflight is not None and s._conn is not None
+                        and s._conn.raw is not None, 5)
+        time.sleep(0.1)  # in connect()
+        caplog.clear()
+        t0 = time.monotonic()
+        s.stop(0.2)
+        for t in s.threads:
+            t.join(5)
+        assert time.monotonic() - t0 < 5  # woken, not waiting out its 30 s timeout
+        assert not any(t.is_alive() for t in s.threads)
+        st = s.stats()
+        assert st["pending_records"] == 0 and st["pending_bytes"] == 0
+        assert (st["submitted"], st["sent"], st["dropped"]) == (25, 0, 25) and accounted(st)
+        assert st["retries"] == 0
+        assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+    finally:
+        for c in (listener, *fillers):
+            c.close()
+
+
+@pytest.mark.parametrize(("answer", "sent"), [(0, 0), (503, 0), (200, 10)])
+def test_a_sender_stuck_past_stops_timeout_settles_when_it_ends(
+        make_shipper, caplog, answer: int, sent: int) -> None:
+    """A sender that stop() cannot wake (here: its attempt blocks on an event)
+    keeps its batch in flight until it ends; then the batch counts as sent
+    (200) or dropped (anything else, not retried, no retry warning)."""
+    release = threading.Event()
+    s = make_shipper("https://127.0.0.1:9", start=False)
+
+    def attempt(batch, gen) -> tuple[int, str]:
+        release.wait(10)
+        return answer, "" if answer == 200 else "ConnectionRefusedError"
+
+    s._attempt = attempt
+    s.start()
+    for i in range(25):
+        s.submit(log_record(i))
+    assert wait_for(lambda: s._inflight is not None, 5)
+    caplog.clear()
+    s.stop(0.2)
+    sender = s.threads[1]
+    assert sender.is_alive()
+    st = s.stats()
+    assert st["pending_records"] == 10 and st["dropped"] == 15 and accounted(st)
+    release.set()
+    sender.join(5)
+    assert not sender.is_alive()
+    st = s.stats()
+    assert st["pending_records"] == 0 and st["pending_bytes"] == 0 and accounted(st)
+    assert (st["sent"], st["dropped"], st["retries"]) == (sent, 25 - sent, 0)
+    assert not [r for r in caplog.records if "retrying" in r.getMessage()]
+
+
+def test_an_encoder_ending_after_stop_queues_nothing(make_shipper) -> None:
+    """Records the encoder held when stop() gave up waiting are dropped when
+    it ends, not left queued for a sender that is gone."""
+    release = threading.Event()
+    s = make_shipper("https://127.0.0.1:9", start=False)
+    encode = s._encode
+
+    def slow(record: tuple) -> str:
+        release.wait(10)
+        return encode(record)
+
+    s._encode = slow
+    s.start()
+    for i in range(10):
+        s.submit(log_record(i))
+    assert wait_for(lambda: s._encoding == 10, 5)
+    s.stop(0.2)
+    encoder, sender = s.threads
+    assert encoder.is_alive() and not sender.is_alive()
+    release.set()
+    encoder.join(5)
+    st = s.stats()
+    assert (st["submitted"], st["dropped"], st["pending_records"]) == (10, 10, 0)
+    assert not s._batches and st["pending_bytes"] == 0
+
+
+def test_cut_takes_only_what_is_there(make_shipper) -> None:
+    """The encoder reads the queue's length before it takes the lock; stop()
+    may empty the queue in between."""
+    s = make_shipper("https://127.0.0.1:9", start=False)
+    s.submit(log_record(0))
+    s._cut(10)
+    s._cut(5)
+    assert s._taken == 1 and len(s._batches) == 1
 
 
 # --------------------------------------------------------------------------- no disk
@@ -704,6 +910,8 @@ def test_the_serve_configs_regions_bind_the_logs(net: Path) -> None:
     ({"dc": "Dus:1"}, "logs.yaml: dc: 'Dus:1': 'Dus:1' is not a name"),
     ({"batch_records": 100, "max_pending_records": 10},
      "logs.yaml: batch_records: 100: must not exceed max_pending_records (10)"),
+    ({"max_pending_bytes": 1000},
+     "logs.yaml: max_pending_bytes: 1000: Input should be greater than or equal to 1048576"),
     ({"zones": {"www": {"log_region": "eu", "enabled": "maybe"}}},
      "logs.yaml: zones.www.enabled: 'maybe': Input should be a valid boolean"),
 ])
@@ -718,6 +926,43 @@ def test_the_certificate_must_name_the_dc(net: Path) -> None:
     with pytest.raises(ConfigError, match=r"subject CN dus\.dc\.privedge\.internal, but dc "
                                           r"is 'fra'"):
         check_identity(_cfg(net, dc="fra"))
+
+
+class _Recorder:
+    def __init__(self, stream: str, core: str, calls: list) -> None:
+        self.name, self.calls = f"{stream}/{core}", calls
+
+    def submit(self, record: tuple) -> None:
+        pass
+
+    def flush(self, timeout: float) -> bool:
+        self.calls.append(("flush", self.name))
+        return True
+
+    def stop(self, timeout: float, flush_first: bool = True) -> None:
+        self.calls.append(("stop", self.name, flush_first))
+
+
+def test_router_stop_flushes_once_for_all(net: Path) -> None:
+    calls: list = []
+    router = LogRouter(_cfg(net), lambda cfg, stream, core: _Recorder(stream, core, calls))
+    router.stop(1.0)
+    names = [call[1] for call in calls if call[0] == "flush"]
+    assert sorted(names) == ["logs/core", "logs/core-eu", "sample/core"]
+    assert calls[:3] == [("flush", n) for n in names]    # one shared flush first
+    assert sorted(calls[3:]) == [("stop", n, False) for n in sorted(names)]  # no second
+
+
+def test_max_pending_bytes_reaches_the_shipper(net: Path) -> None:
+    assert _cfg(net).max_pending_bytes == 64 << 20
+    shipper = router_mod.make_shipper(_cfg(net, max_pending_bytes=1 << 21), "logs", "core")
+    assert shipper._max_bytes == 1 << 21
+
+
+def test_one_tls_client_context_for_the_agent() -> None:
+    """agent/metrics/tls.py's, for the RTT probes and the log shippers alike."""
+    assert rtt.client_context is tls.client_context
+    assert router_mod.client_context is shipper_mod.client_context is tls.client_context
 
 
 def test_router_end_to_end_keeps_regions_apart(net: Path, make_shipper) -> None:

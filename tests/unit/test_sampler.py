@@ -3,6 +3,10 @@
 The draw must be a fair 1% from the CSPRNG; a pseudonym must be stable
 within a UTC day, change with the day's key, and the key must never leave
 the object (DESIGN.md §2, invariant 4).
+
+The statistical test here draws from a seeded byte source, so it passes or
+fails the same way every run; the CSPRNG's own 99.9% interval test is
+tests/unit/test_sample_e2e.py's. No test here times anything (bench/ does).
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import copy
 import hashlib
 import hmac
 import math
+import os
 import pickle
-import time
+import random
+from array import array
 
 import pytest
 
+from agent.l7.config import normalise_ip
 from agent.logs import sampler as sampler_mod
 from agent.logs.sampler import Pseudonymizer, Sampler, packed_address
 
@@ -46,14 +53,31 @@ def binomial_interval(n: int, p: float, confidence: float) -> tuple[int, int]:
     return lo, hi
 
 
-def test_one_percent_lies_in_the_binomial_interval() -> None:
+@pytest.mark.parametrize("seed", [1, 23, 2024])
+def test_one_percent_lies_in_the_binomial_interval(seed: int) -> None:
+    """Deterministic: the words come from a seeded generator, standing in for
+    os.urandom (whose own test, 1-in-1000 flaky by design, is end to end)."""
     n, p = 20_000, 0.01
     lo, hi = binomial_interval(n, p, 0.999)
     mean, sd = n * p, math.sqrt(n * p * (1 - p))
     assert abs(lo - (mean - 3.29 * sd)) < 5 and abs(hi - (mean + 3.29 * sd)) < 5
-    s = Sampler(p)
+    s = Sampler(p, source=random.Random(seed).randbytes)
     hits = sum(s.draw() for _ in range(n))
     assert lo <= hits <= hi, f"{hits} draws of {n} at {p}: outside [{lo}, {hi}]"
+    again = Sampler(p, source=random.Random(seed).randbytes)
+    assert sum(again.draw() for _ in range(n)) == hits  # the same seed, the same draws
+
+
+def test_a_draw_is_its_word_below_the_threshold() -> None:
+    s = Sampler(0.25)
+    t = s._threshold
+    assert t == 1 << 30
+    words = [t - 1, t, t + 1, 0, 2**32 - 1] + [t] * 1019   # one pool: 1024 words
+    pools = [array(sampler_mod._WORD, words).tobytes()]
+    s = Sampler(0.25, source=lambda n: pools.pop())
+    draws = [s.draw() for _ in range(1024)]
+    assert draws[:5] == [True, False, False, True, False] and not any(draws[5:])
+    assert all(type(d) is bool for d in draws)
 
 
 def test_rate_zero_never_and_one_always() -> None:
@@ -74,6 +98,11 @@ def test_a_bad_rate_is_refused_clearly(rate: object) -> None:
         Sampler(rate)  # type: ignore[arg-type]
 
 
+def test_the_default_source_is_os_urandom() -> None:
+    assert Sampler(0.01)._source is os.urandom
+    assert Sampler(0.01, source=None)._source is os.urandom
+
+
 def test_draws_come_from_os_urandom_in_pools(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
     real = sampler_mod.os.urandom
@@ -87,17 +116,6 @@ def test_draws_come_from_os_urandom_in_pools(monkeypatch: pytest.MonkeyPatch) ->
     for _ in range(3000):  # 1024 draws a pool
         s.draw()
     assert calls == [4096, 4096, 4096]
-
-
-def test_a_draw_costs_well_under_a_microsecond() -> None:
-    s = Sampler(0.01)
-    best = math.inf
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(100_000):
-            s.draw()
-        best = min(best, (time.perf_counter() - t0) / 100_000)
-    assert best < 1e-6, f"{best * 1e9:.0f} ns a draw"
 
 
 # --------------------------------------------------------------------------- Pseudonymizer
@@ -133,14 +151,19 @@ def test_a_new_utc_day_brings_a_new_key() -> None:
     assert again[1] == before[1] and again[0] != before[0]
 
 
-def test_ipv4_mapped_ipv6_is_the_ipv4_client() -> None:
+def test_one_client_one_pseudonym_after_the_front_ends_normalisation() -> None:
+    """The front end gives normalise_ip's text (agent/l7/server.py _socket_ip):
+    a mapped IPv4 client is plain IPv4 by then, a zone suffix gone."""
     pz = Pseudonymizer(Clock(NOON))
     v4 = pz.pseudonym("203.0.113.10")
-    assert pz.pseudonym("::ffff:203.0.113.10") == v4
-    assert pz.pseudonym("::FFFF:cb00:710a") == v4
-    assert pz.pseudonym("2001:db8:0:0::1") == pz.pseudonym("2001:db8::1")
-    assert pz.pseudonym("fe80::1%eth0") == pz.pseudonym("fe80::1")
-    assert packed_address("::ffff:203.0.113.10") == bytes([203, 0, 113, 10])
+    for seen in ("::ffff:203.0.113.10", "::FFFF:cb00:710a", "203.0.113.10"):
+        assert pz.pseudonym(normalise_ip(seen)) == v4
+    assert pz.pseudonym(normalise_ip("fe80::1%eth0")) == pz.pseudonym("fe80::1")
+    assert pz.pseudonym("2001:db8:0:0::1") == pz.pseudonym("2001:db8::1")  # same bytes
+    assert packed_address("203.0.113.10") == bytes([203, 0, 113, 10])
+    assert len(packed_address("2001:db8::1")) == 16
+    with pytest.raises(ValueError):
+        packed_address("fe80::1%eth0")  # not normalised: refused, not guessed at
 
 
 def test_it_is_the_hmac_of_the_packed_address(monkeypatch: pytest.MonkeyPatch) -> None:
