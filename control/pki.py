@@ -35,6 +35,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import secrets
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -67,17 +68,41 @@ class PkiError(ValueError):
 # --------------------------------------------------------------------------- files
 
 
-def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically with `mode` from the first byte (no window at 0644)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is out (a write may take only part)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fchmod(fd, mode)  # the umask may have narrowed it; set it exactly
-        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file(path: Path, data: bytes, mode: int, sync_dir: bool = True) -> None:
+    """Write atomically with `mode` from the first byte (no window at 0644):
+    a temporary file of its own, fsynced, renamed over `path`, and the rename
+    fsynced (`sync_dir`). A reader sees the old file or the whole new one; a
+    failure leaves no temporary file. Also core/'s one way to write a file."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; set it exactly
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def pem_key(key: LeafKey | ec.EllipticCurvePrivateKey) -> bytes:

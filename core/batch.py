@@ -12,7 +12,6 @@ import re
 import zlib
 from dataclasses import dataclass
 
-STREAMS = ("logs", "sample")
 _BATCH_RE = re.compile(r"^([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?):(logs|sample):"
                        r"([0-9a-f]{16}):([1-9][0-9]{0,18})$")
 

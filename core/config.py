@@ -39,43 +39,22 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from agent.config import ConfigError, _format_errors, read_yaml_mapping
+from agent.config import ConfigError, Frozen, _format_errors, read_yaml_mapping
+from agent.l7.config import Name
 from core.records import LOG_KEYS
 
 MAX_RETENTION_DAYS = 7          # DESIGN.md §2: customer logs are kept at most 7 days
 DEFAULT_MAX_BODY = 16 << 20     # PROTOCOL.md: 16 MiB compressed
 DEFAULT_MAX_EXPANDED = 64 << 20  # and 64 MiB expanded
-NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _TOKEN_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")   # an HTTP header name
 # Headers the pusher sets itself; a job may not override them.
 RESERVED_HEADERS = frozenset({"host", "content-type", "content-encoding", "content-length",
                               "transfer-encoding", "connection"})
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-def _name(value: str) -> str:
-    if not NAME_RE.match(value):
-        raise ValueError("not a name (1-63 of a-z 0-9 -, not starting or ending with -)")
-    return value
-
-
-Name = Annotated[str, AfterValidator(_name)]
 
 
 class LogpushJob(Frozen):
@@ -93,6 +72,23 @@ class LogpushJob(Frozen):
     retry_initial: float = Field(default=1.0, gt=0, le=60)   # seconds, doubled per failure
     retry_max: float = Field(default=60.0, gt=0, le=3600)    # the backoff's bound
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: object) -> object:
+        # Before the url's own checks, and raised on the job rather than on
+        # the url, so that the error (which shows a field's value) never
+        # shows a password.
+        url = data.get("url") if isinstance(data, dict) else None
+        if isinstance(url, str):
+            try:
+                userinfo = "@" in urlsplit(url).netloc
+            except ValueError:
+                userinfo = "@" in url
+            if userinfo:
+                raise ValueError("url: credentials in the URL would be shown in errors and "
+                                 "logs (so it is not shown here); put them in headers")
+        return data
+
     @field_validator("url")
     @classmethod
     def _https(cls, value: str) -> str:
@@ -100,8 +96,6 @@ class LogpushJob(Frozen):
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError("not an https:// URL with a host (logs leave the network only "
                              "over TLS)")
-        if parts.username or parts.password:
-            raise ValueError("credentials in the URL would be logged; use headers")
         if parts.fragment:
             raise ValueError("a URL fragment is never sent; remove it")
         try:

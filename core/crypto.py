@@ -29,6 +29,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from control.pki import fsync_dir, write_all, write_file
+
 KEY_BYTES = 32
 NONCE_BYTES = 12
 MASTER_HEADER = "privedge-core master key v1"
@@ -67,7 +69,7 @@ class Partition:
 
 def init_master_key(path: Path) -> None:
     """Make a new master key file (0600, never overwriting one)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_dirs(path.parent)
     text = f"{MASTER_HEADER}\n{secrets.token_bytes(KEY_BYTES).hex()}\n".encode()
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -129,35 +131,25 @@ def open_sealed(aead: AESGCM, blob: bytes, aad: bytes) -> bytes:
 # --------------------------------------------------------------------------- files
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600, sync_dir: bool = True) -> None:
-    """tmp + fsync + rename: a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f".tmp.{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        write_all(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    if sync_dir:
-        fsync_dir(path.parent)
+def make_dirs(path: Path, mode: int = 0o700) -> None:
+    """mkdir -p giving every level it makes `mode` (Path.mkdir(parents=True,
+    mode=...) gives it to the last level only, the others get 0777 less the
+    umask). Levels that exist are left as they are."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, mode)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue   # made meanwhile by another thread
+        os.chmod(d, mode)   # exactly `mode`, whatever the umask
 
 
 def destroy_file(path: Path) -> bool:
@@ -212,8 +204,8 @@ class KeyRing:
                 key = AESGCM.generate_key(bit_length=256)
                 nonce = secrets.token_bytes(NONCE_BYTES)
                 wrapped = WRAP_MAGIC + nonce + self._wrap.encrypt(nonce, key, p.aad("key"))
-                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-                write_atomic(path, wrapped)
+                make_dirs(path.parent)
+                write_file(path, wrapped, 0o600)
             else:
                 if blob[:4] != WRAP_MAGIC:
                     raise KeyFileError(f"{path}: not a wrapped privedge-core key")
@@ -258,8 +250,8 @@ def check_master(master: bytes, path: Path, create: bool = True) -> None:
     aad = b"privedge-core\0master-check"
     if not path.exists():
         if create:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(path, seal(aead, b"privedge-core master check", aad))
+            make_dirs(path.parent)
+            write_file(path, seal(aead, b"privedge-core master check", aad), 0o600)
         return
     try:
         open_sealed(aead, path.read_bytes(), aad)

@@ -5,27 +5,38 @@
     pushers.stop()
 
 Used by core/server.py. Each job of core/config.py's zones[*].logpush reads
-the zone's chunks in the store's arrival order (store.subscribe tells it of
-new ones; it never blocks the commit), keeps only the job's fields, samples
-at its rate, and POSTs gzip NDJSON batches of at most max_records, at least
-every max_seconds while records wait. Delivery is at least once: a batch is
-retried with bounded exponential backoff until the endpoint answers 2xx,
-and only then does the job's cursor move on. The cursor
-(data_dir/logpush/<zone>/<job>.cursor: the store's seq, a day and a record
-offset; no personal data) is written atomically, so a restart neither
-loses records nor pushes a delivered batch again, except the one in flight
-when the core stopped. A new job starts with what is stored after it first
-runs: it does not push the zone's past days. Records swept by retention
-before they could be pushed are counted as skipped.
+the zone's chunks in the store's commit (seq) order, keeps only the job's
+fields, samples at its rate, and POSTs gzip NDJSON batches of at most
+max_records, at least every max_seconds while records wait. Delivery is at
+least once: a batch is retried with bounded exponential backoff until the
+endpoint answers 2xx, and only then does the job's cursor move on. The
+cursor (data_dir/logpush/<zone>/<job>.cursor: the store's seq, a day and a
+record offset; no personal data) is written atomically, so a restart
+neither loses records nor pushes a delivered batch again, except the one in
+flight when the core stopped. A new job starts with what is stored after it
+first runs: it does not push the zone's past days.
+
+What a job holds is bounded whatever the outage: store.subscribe tells it
+only the highest seq committed with records of its zone (it never blocks
+the commit), and the job lists the store's chunks after its cursor a page
+(PAGE chunks) at a time, when it needs more. A chunk swept by retention
+before its turn is skipped (skipped_chunks); records of a batch being
+retried whose day is swept meanwhile are dropped from it (skipped_records).
+
+stop() tells every job at once, cuts their connections (a request in flight
+ends now, its batch not acknowledged), and waits for all of them together
+at most STOP_JOIN seconds. No cursor is written once the store is closed.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import http.client
 import json
 import random
+import socket
 import ssl
 import sys
 import threading
@@ -34,12 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from control.pki import write_file
+from control.tlshttp import failure_summary
 from core.config import CoreConfig, LogpushJob
-from core.crypto import write_atomic
-from core.store import ChunkRef, Store
+from core.crypto import Partition, make_dirs
+from core.store import ChunkRef, Store, StoreUnavailable
 
 USER_AGENT = "privedge-logpush/1"
-STOP_JOIN = 15.0    # seconds stop() waits for a job's thread (a request in flight)
+STOP_JOIN = 5.0     # seconds stop() waits for all the jobs' threads, together
+PAGE = 256          # chunks listed from the store at a time (at least 16: see Store.chunks)
 
 
 @dataclass(frozen=True, order=True)
@@ -66,6 +80,21 @@ def client_context(job: LogpushJob) -> ssl.SSLContext:
     return ctx
 
 
+class _HTTPS(http.client.HTTPSConnection):
+    """Its TLS socket is `sock` from before the handshake (http.client's
+    assigns it after), so that stop() can cut a handshake that hangs."""
+
+    def __init__(self, host: str, port: int, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self.tls = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)   # TCP
+        self.sock = self.tls.wrap_socket(self.sock, server_hostname=self.host,
+                                         do_handshake_on_connect=False)
+        self.sock.do_handshake()
+
+
 class Pusher:
     """One job of one zone, on its own thread."""
 
@@ -76,15 +105,19 @@ class Pusher:
         url = urlsplit(job.url)
         self._host, self._port = url.hostname or "", url.port or 443
         self._target = (url.path or "/") + (f"?{url.query}" if url.query else "")
-        self._conn: http.client.HTTPSConnection | None = None
+        self._conn: _HTTPS | None = None
         self._rng = random.Random()
         self._cond = threading.Condition()
-        self._queue: collections.deque[ChunkRef] = collections.deque()
+        self._offered = 0      # the highest seq committed with records of this zone
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.cursor = self._load_cursor()
-        self.counters = {"records": 0, "batches": 0, "failures": 0, "skipped_chunks": 0}
+        self.counters = {"records": 0, "batches": 0, "failures": 0, "skipped_chunks": 0,
+                         "skipped_records": 0}
         self.last_error = ""
+        self._listed = 0       # chunks listed and not yet read (for stats)
+        self._buffered = 0     # records read and not yet acknowledged
+        self._caught_up = False
+        self.cursor = self._load_cursor()
 
     def _load_cursor(self) -> Position:
         try:
@@ -100,27 +133,31 @@ class Pusher:
                              "start the job from now") from None
 
     def _save_cursor(self, pos: Position) -> None:
-        self.cursor_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomic(self.cursor_path, pos.to_json())
+        try:
+            with self.store.writing():   # never once the store is closed
+                make_dirs(self.cursor_path.parent)
+                write_file(self.cursor_path, pos.to_json(), 0o600)
+        except StoreUnavailable:
+            return   # stopping: the cursor on disk stays before what is not saved
         self.cursor = pos
 
     # ------------------------------------------------------------------- feeding
 
-    def offer(self, ref: ChunkRef) -> None:
-        """A chunk of this zone was committed (called under the store's lock)."""
+    def offer(self, seq: int) -> None:
+        """A commit with records of this zone (called under the store's lock:
+        takes only this job's own lock, briefly)."""
         with self._cond:
-            self._queue.append(ref)
+            if seq > self._offered:
+                self._offered = seq
             self._cond.notify()
 
-    def _prime(self) -> None:
-        """Queue what is on disk past the cursor, merged with what was offered
-        since the job subscribed (a chunk may be in both)."""
-        start = (self.cursor.seq, self.cursor.day)
-        on_disk = self.store.chunks(self.zone, self.cursor.seq - 1)
-        with self._cond:
-            merged = sorted({r for r in [*on_disk, *self._queue] if (r.seq, r.day) >= start},
-                            key=lambda r: (r.seq, r.day))
-            self._queue = collections.deque(merged)
+    def _page(self, listed: int, pos: Position) -> tuple[collections.deque[ChunkRef], int]:
+        """The next chunks after seq `listed` (and at or after the position),
+        and the seq the listing is complete up to."""
+        high = self.store.high_seq   # read first: every commit up to it is on disk
+        refs, upto = self.store.chunks(self.zone, listed, high, PAGE)
+        start = (pos.seq, pos.day)
+        return collections.deque(r for r in refs if (r.seq, r.day) >= start), upto
 
     # ------------------------------------------------------------------- running
 
@@ -129,77 +166,114 @@ class Pusher:
                                         name=f"logpush-{self.zone}-{self.job.name}")
         self._thread.start()
 
-    def stop(self) -> None:
+    def signal_stop(self) -> None:
+        """Tell the job to stop, and cut a request in flight (its batch stays
+        unacknowledged: the cursor does not move past it)."""
         self._stop.set()
         with self._cond:
             self._cond.notify_all()
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            # The plain socket's shutdown, not SSLSocket's: that one would also
+            # drop its TLS state under the thread using it. OSError: closed meanwhile.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def join(self, deadline: float) -> None:
+        """Wait for the thread until `deadline` (time.monotonic()), then close."""
         if self._thread is not None:
-            self._thread.join(STOP_JOIN)
-            self._thread = None
-        if self._conn is not None:
-            self._conn.close()
+            self._thread.join(max(0.0, deadline - time.monotonic()))
+            if not self._thread.is_alive():
+                self._thread = None
+                if self._conn is not None:
+                    self._conn.close()
+
+    def stop(self) -> None:
+        self.signal_stop()
+        self.join(time.monotonic() + STOP_JOIN)
 
     def _run(self) -> None:
         try:
-            self._prime()
             self._loop()
         except Exception as e:  # a thread's death must be visible, not silent
-            self.last_error = f"stopped: {e!r}"
-            print(f"privedge-core: logpush {self.zone}/{self.job.name}: {e!r}", file=sys.stderr)
+            # By type and place only: a message could quote a record.
+            self.last_error = f"stopped: {failure_summary(e)}"
+            print(f"privedge-core: logpush {self.zone}/{self.job.name}: {self.last_error}",
+                  file=sys.stderr)
 
     def _loop(self) -> None:
         job = self.job
         fields = job.fields
         dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-        buf: list[bytes] = []
+        buf: list[tuple[str, bytes]] = []   # (the chunk's day, the line to push)
         since = 0.0
         pos = self.cursor
+        page: collections.deque[ChunkRef] = collections.deque()
+        listed = pos.seq - 1   # every commit up to this seq has been listed
+        first = True           # what was stored before the job started: list once
         current: tuple[ChunkRef, list[bytes], int] | None = None
         while not self._stop.is_set():
-            # Fill the buffer from the queue, up to max_records.
+            # Fill the buffer from the listed chunks, listing more as needed.
             while len(buf) < job.max_records:
                 if current is None:
-                    with self._cond:
-                        ref = self._queue.popleft() if self._queue else None
-                    if ref is None:
-                        break
+                    if not page:
+                        with self._cond:
+                            offered = self._offered
+                        if not first and offered <= listed:
+                            break
+                        first = False
+                        page, listed = self._page(listed, pos)
+                        if not page:
+                            continue   # more may have been offered meanwhile
+                    ref = page.popleft()
                     data = self.store.read_chunk(ref)
                     if data is None:   # swept before its turn
                         self.counters["skipped_chunks"] += 1
                         pos = Position(ref.seq, ref.day, ref.records)
                         continue
-                    first = pos.offset if (ref.seq, ref.day) == (pos.seq, pos.day) else 0
-                    current = (ref, data.split(b"\n")[:-1], first)
+                    first_rec = pos.offset if (ref.seq, ref.day) == (pos.seq, pos.day) else 0
+                    current = (ref, data.split(b"\n")[:-1], first_rec)
                 ref, lines, idx = current
                 while idx < len(lines) and len(buf) < job.max_records:
                     if job.sample_rate >= 1 or self._rng.random() < job.sample_rate:
                         rec = json.loads(lines[idx])
-                        buf.append(dumps({k: rec[k] for k in fields}).encode() + b"\n")
+                        buf.append((ref.day, dumps({k: rec[k] for k in fields}).encode()
+                                    + b"\n"))
                         if len(buf) == 1:
                             since = time.monotonic()
                     idx += 1
                 pos = Position(ref.seq, ref.day, idx)
                 current = None if idx >= len(lines) else (ref, lines, idx)
+            self._listed, self._buffered = len(page) + (current is not None), len(buf)
             waited = time.monotonic() - since
             if buf and (len(buf) >= job.max_records or waited >= job.max_seconds):
                 if not self._deliver(buf):
                     return  # stopping; the cursor stays before this batch
-                self.counters["records"] += len(buf)
-                self.counters["batches"] += 1
+                if buf:   # else every record of it was swept while it was retried
+                    self.counters["records"] += len(buf)
+                    self.counters["batches"] += 1
                 buf = []
+                self._buffered = 0
                 self._save_cursor(pos)
                 continue
             if not buf and pos != self.cursor:
                 self._save_cursor(pos)   # records sampled out, or chunks skipped
             with self._cond:
-                if not self._queue and current is None and not self._stop.is_set():
+                more = self._offered > listed or bool(page) or current is not None
+                self._caught_up = not more and not buf
+                if not more and not self._stop.is_set():
                     self._cond.wait(job.max_seconds - waited if buf else 1.0)
 
-    def _deliver(self, lines: list[bytes]) -> bool:
-        """POST until a 2xx (True) or stop (False), backing off between tries."""
-        body = gzip.compress(b"".join(lines), 6)
+    def _deliver(self, buf: list[tuple[str, bytes]]) -> bool:
+        """POST until a 2xx (True) or stop (False), backing off between tries.
+        Records of a day swept meanwhile are dropped from `buf` (counted);
+        if none is left, True: there is nothing to deliver."""
+        body = b""
         delay = self.job.retry_initial
         while not self._stop.is_set():
+            if not body:
+                body = gzip.compress(b"".join(line for _, line in buf), 6)
             try:
                 status = self._post(body)
                 if 200 <= status < 300:
@@ -215,13 +289,21 @@ class Pusher:
             if self._stop.wait(delay):
                 break
             delay = min(delay * 2, self.job.retry_max)
+            gone = {day for day in {d for d, _ in buf}
+                    if self.store.partition_gone(Partition("logs", self.zone, day))}
+            if gone:
+                kept = [x for x in buf if x[0] not in gone]
+                self.counters["skipped_records"] += len(buf) - len(kept)
+                buf[:] = kept
+                self._buffered = len(buf)
+                body = b""
+                if not buf:
+                    return True
         return False
 
     def _post(self, body: bytes) -> int:
         if self._conn is None:
-            self._conn = http.client.HTTPSConnection(self._host, self._port,
-                                                     timeout=self.job.timeout,
-                                                     context=self._ctx)
+            self._conn = _HTTPS(self._host, self._port, self.job.timeout, self._ctx)
         headers = {"Content-Type": "application/x-ndjson", "Content-Encoding": "gzip",
                    "User-Agent": USER_AGENT, **self.job.headers}
         self._conn.request("POST", self._target, body=body, headers=headers)
@@ -234,9 +316,10 @@ class Pusher:
 
     def stats(self) -> dict:
         with self._cond:
-            backlog = len(self._queue)
-        return {**self.counters, "backlog_chunks": backlog, "cursor_seq": self.cursor.seq,
-                "last_error": self.last_error}
+            offered = self._offered
+        return {**self.counters, "cursor_seq": self.cursor.seq, "offered_seq": offered,
+                "listed_chunks": self._listed, "buffered_records": self._buffered,
+                "caught_up": self._caught_up, "last_error": self.last_error}
 
 
 class Logpush:
@@ -251,9 +334,9 @@ class Logpush:
             store.subscribe(self._offer)   # before the jobs look at the disk
 
     def _offer(self, refs: list[ChunkRef]) -> None:
-        for ref in refs:
-            for p in self.pushers.get(ref.zone or "", ()):
-                p.offer(ref)
+        for zone in {ref.zone for ref in refs}:
+            for p in self.pushers.get(zone or "", ()):
+                p.offer(refs[0].seq)   # a commit's chunks share its seq
 
     def start(self) -> Logpush:
         for ps in self.pushers.values():
@@ -262,9 +345,14 @@ class Logpush:
         return self
 
     def stop(self) -> None:
-        for ps in self.pushers.values():
-            for p in ps:
-                p.stop()
+        """Every job told first (and its request cut), then all waited for
+        against one deadline: stopping takes at most STOP_JOIN seconds in all."""
+        jobs = [p for ps in self.pushers.values() for p in ps]
+        for p in jobs:
+            p.signal_stop()
+        deadline = time.monotonic() + STOP_JOIN
+        for p in jobs:
+            p.join(deadline)
 
     def stats(self) -> dict:
         return {zone: {p.job.name: p.stats() for p in ps} for zone, ps in self.pushers.items()}

@@ -14,8 +14,13 @@ who it is comes from the certificate alone:
 
 A client without a certificate completes the handshake (so it can be told
 why) and is answered 403 everywhere. The ingest contract is
-core/PROTOCOL.md. Nothing about a request is logged: no access log.
-Used by core/cli.py; tests start it in-process with port 0.
+core/PROTOCOL.md. Nothing about a request is logged: no access log, and a
+failure while serving one is printed as its type and code location only
+(control/tlshttp.py). At most MAX_CONNECTIONS connections are served at
+once and MAX_INGESTS batches are taken in at once (503 above: the edge
+retries), which bounds the memory ingests use to about MAX_INGESTS times a
+few max_expanded_bytes. Used by core/cli.py; tests start it in-process
+with port 0.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
+from agent.metrics.server import TlsFiles
+from agent.metrics.server import server_context as tls_server_context
 from control.pki import DOMAIN, ROLES, ZONE_UNIT
-from control.tlshttp import TlsHttpServer
+from control.tlshttp import HeadDeadline, TlsHttpServer, failure_summary
 from core.batch import BatchId, BodyError, gunzip
 from core.config import CoreConfig
 from core.crypto import load_master_key
@@ -41,7 +47,8 @@ from core.logpush import Logpush
 from core.records import RecordError, day_number
 from core.store import Store, StoreUnavailable, SweepReport
 
-CLIENT_TIMEOUT = 10.0   # seconds per read or write on a connection
+MAX_CONNECTIONS = 64    # served at once (an edge keeps one or two; zones and operators few)
+MAX_INGESTS = 4         # batches taken in at once; each may hold several max_expanded_bytes
 _AGENT_CN = re.compile(r"^([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)\.dc\." + re.escape(DOMAIN) + "$")
 _ZONE_CN = re.compile(r"^([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)\." + ZONE_UNIT + r"\."
                       + re.escape(DOMAIN) + "$")
@@ -77,32 +84,24 @@ def identify(peer: dict | None) -> Identity:
 
 
 def server_context(config: CoreConfig) -> ssl.SSLContext:
-    """TLS 1.2+; a client certificate, when shown, must be the network CA's."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    # OPTIONAL, not REQUIRED: a client without one gets a 403 it can read
-    # instead of a handshake alert; one from another CA still fails the handshake.
-    ctx.verify_mode = ssl.CERT_OPTIONAL
-    ctx.load_verify_locations(config.ca)
-    ctx.load_cert_chain(config.cert, config.key)
-    return ctx
+    """TLS 1.2+; a client certificate, when shown, must be the network CA's.
+    OPTIONAL, not REQUIRED: a client without one gets a 403 it can read
+    instead of a handshake alert; one from another CA still fails the handshake."""
+    return tls_server_context(TlsFiles(config.cert, config.key, config.ca),
+                              verify_mode=ssl.CERT_OPTIONAL)
 
 
 class _HTTPServer(TlsHttpServer):
-    allow_reuse_address = True
-    client_timeout = CLIENT_TIMEOUT
+    max_connections = MAX_CONNECTIONS
+    log_name = "privedge-core"
     core: CoreServer
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(HeadDeadline):
     protocol_version = "HTTP/1.1"     # keep-alive: an edge sends many batches
     server_version = "privedge-core"
     sys_version = ""
     server: _HTTPServer
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.do_handshake()  # type: ignore[attr-defined]
 
     def log_message(self, format: str, *args: object) -> None:
         """No access log: who asked for what stays out of the core's logs."""
@@ -169,11 +168,24 @@ class _Handler(BaseHTTPRequestHandler):
             store.note_rejected(stream, 413)
             return self._error(413, f"body of {length} bytes is over the core's limit of "
                                f"{cfg.max_body_bytes}", close=True)
+        slots = self._core.ingest_slots
+        if not slots.acquire(blocking=False):
+            self._core.note_busy()
+            return self._error(503, f"the core is taking in {MAX_INGESTS} batches already; "
+                               "retry", close=True)
+        try:
+            self._ingest(stream, batch, length)
+        finally:
+            slots.release()
+
+    def _ingest(self, stream: str, batch: BatchId, length: int) -> None:
+        store, cfg = self._core.store, self._core.config
         body = self.rfile.read(length)
         if len(body) != length:
             return self._error(400, "body shorter than its Content-Length", close=True)
         try:
             ndjson = gunzip(body, cfg.max_expanded_bytes)
+            del body
             result = store.ingest(batch, ndjson)
         except BodyError as e:
             store.note_rejected(stream, e.status)
@@ -184,7 +196,8 @@ class _Handler(BaseHTTPRequestHandler):
         except StoreUnavailable as e:
             return self._error(503, f"the store cannot write now: {e}")
         except Exception as e:  # a bug: say 500 (the edge retries) rather than hang up
-            print(f"privedge-core: ingest of {batch} failed: {e!r}", file=sys.stderr)
+            # Its type and where only: its message may quote the records.
+            self.server.note_error(e, f"the ingest of {batch}")
             return self._error(500, "internal error; the core logged it")
         self._json(200, {"stored": result.stored, "duplicate": result.duplicate})
 
@@ -193,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
         if h.get("Transfer-Encoding"):
             return "Transfer-Encoding is not taken; send Content-Length"
         length = h.get("Content-Length", "")
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):   # isdigit alone takes '²'
             return f"Content-Length {length!r} is missing or not a number"
         if h.get("Content-Encoding", "").strip().lower() != "gzip":
             return f"Content-Encoding {h.get('Content-Encoding')!r}: the body must be gzip"
@@ -207,9 +220,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlsplit(self.path)
         query = parse_qs(url.query)
-        who = self._who()
         if m := _ZONE_PATH.match(url.path):
             zone = m[1]
+            who = self._who()
             if who.kind != "zone" or who.name != zone:
                 return self._error(403, f"the logs of zone {zone!r} are served only to its "
                                    f"own certificate ({zone}.zone.privedge.internal)")
@@ -219,7 +232,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, f"{zone!r} is not a zone of this core")
             return self._day(query, "logs", zone)
         if url.path in ("/v1/sample", "/v1/stats"):
-            if who.kind != "operator":
+            if self._who().kind != "operator":
                 return self._error(403, "operators only (a certificate with OU viewer, "
                                    "operator or admin)")
             if url.path == "/v1/stats":
@@ -265,6 +278,11 @@ class CoreServer:
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        self.ingest_slots = threading.BoundedSemaphore(MAX_INGESTS)
+        self._counts = threading.Lock()
+        self.sweep_failures = 0
+        self.last_sweep: float | None = None   # the clock's time of the last sweep done
+        self.ingests_busy = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -283,7 +301,7 @@ class CoreServer:
         self._phase(f"store: {cfg.data_dir}")
         self.store = Store(cfg, master, clock=self.clock).open()
         try:
-            report = self.store.sweep()
+            report = self.sweep()
             self._phase(f"retention: first sweep removed {len(report.removed)} day(s)")
             self._phase(f"tls: {cfg.cert}, client CA {cfg.ca}")
             ctx = server_context(cfg)
@@ -312,21 +330,34 @@ class CoreServer:
         self._phase(f"ready: https://{cfg.listen}:{self.port}")
         return self
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
+    def _spawn(self, target: Callable[[], None], name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
         self._threads.append(t)
+        return t
 
     def _sweeper(self) -> None:
+        # Whatever a sweep meets, the next one runs: retention must not stop
+        # silently. Counted (sweep_failures), printed by type and place only.
         while not self._stop.wait(self.config.sweep_interval):
             try:
                 self.sweep()
-            except OSError as e:
-                print(f"privedge-core: retention sweep failed: {e}", file=sys.stderr)
+            except Exception as e:
+                with self._counts:
+                    self.sweep_failures += 1
+                print(f"privedge-core: retention sweep failed: {failure_summary(e)}",
+                      file=sys.stderr, flush=True)
 
     def sweep(self) -> SweepReport:
         assert self.store is not None, "not started"
-        return self.store.sweep()
+        report = self.store.sweep()
+        with self._counts:
+            self.last_sweep = self.clock()
+        return report
+
+    def note_busy(self) -> None:
+        with self._counts:
+            self.ingests_busy += 1
 
     def reload(self) -> None:
         """Load certificate, key and CA again; raises, keeping the current
@@ -337,20 +368,27 @@ class CoreServer:
     def stats(self) -> dict:
         assert self.store is not None
         out = self.store.stats()
+        httpd = self._httpd
+        with self._counts:
+            out.update(sweep_failures=self.sweep_failures, last_sweep=self.last_sweep,
+                       ingests_busy=self.ingests_busy)
+        out["handler_errors"] = httpd.handler_errors if httpd else 0
+        out["connections_refused"] = httpd.connections_refused if httpd else 0
         out["logpush"] = self.logpush.stats() if self.logpush else {}
         return out
 
     def stop(self) -> None:
-        """Stop accepting, finish ingests in flight (bounded), stop jobs, close."""
+        """Stop accepting, stop the jobs and the sweeper, then close the store
+        (which waits, bounded, for ingests in flight)."""
         self._stop.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
         if self.logpush is not None:
             self.logpush.stop()
-        if self.store is not None:
-            self.store.close()
-        for t in self._threads:
+        for t in self._threads:   # the sweeper's sweep, if one runs, ends first
             t.join(10)
         self._threads.clear()
+        if self.store is not None:
+            self.store.close()
 

@@ -19,14 +19,21 @@ in arrival order) and core/cli.py (sweep). Layout under data_dir:
 
 `seq` numbers commits in arrival order (logpush cursors count in it); n is
 the chunk's record count (for stats without decrypting). A chunk is zlib
-compressed NDJSON sealed with AES-256-GCM under its day key, with stream,
-zone, day and batch id as associated data: a chunk moved to another zone,
-day or name does not decrypt. No name or journal line holds personal data.
+compressed NDJSON sealed with AES-256-GCM under its day key, with every
+part of its path as associated data: stream, zone, day, seq, batch id and
+record count. A chunk moved to another zone or day, or renamed (another
+seq, batch or count), does not decrypt. No name or journal line holds
+personal data.
 
-Commit protocol: chunks are written and fsynced under temporary names
-outside the lock, then, under it, renamed to their final names and the
-batch's journal line is appended and fsynced: the journal line is the
-commit. Commits are serial, so after a crash only chunks with a seq above
+Commit protocol: a batch takes its seq once it has been checked; its chunks
+are sealed (the seq is in their associated data), written and fsynced
+under temporary names outside the lock; then, under it and in seq order
+(a commit waits for the seqs before its own to commit or fail), they are
+renamed to their final names and the batch's journal line is appended and
+fsynced: the journal line is the commit. A journal append that fails is cut
+back to where it began, so a half line never joins the next commit's; if
+even that fails the store refuses writes until it is opened again. Commits
+are serial and in seq order, so after a crash only chunks with a seq above
 the journal's highest can be uncommitted; open() deletes them, and the
 edge's retry stores the batch again. A batch id seen in the journals (the
 last JOURNAL_DAYS days of arrivals) is answered as a duplicate.
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import heapq
 import os
 import re
 import secrets
@@ -48,6 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from control.pki import fsync_dir, write_all, write_file
 from core.batch import BatchId
 from core.config import MAX_RETENTION_DAYS, CoreConfig
 from core.crypto import (
@@ -56,18 +65,25 @@ from core.crypto import (
     KeyRing,
     Partition,
     check_master,
-    fsync_dir,
+    make_dirs,
     open_sealed,
     seal,
-    write_all,
-    write_atomic,
 )
 from core.records import Parsed, Rules, day_number, day_of, dump_records, parse_batch
 
 JOURNAL_DAYS = 3        # arrival days of batch ids kept for duplicate checks (today + 2)
 CLOSE_WAIT = 5.0        # seconds close() waits for ingests in flight
-_DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _CHUNK_RE = re.compile(r"^(\d{12})\.([a-z0-9-]+)\.([0-9a-f]{16})\.(\d+)\.(\d+)\.pec$")
+_JOURNAL_RE = re.compile(r"^(\d{1,12}) (\S+) (\d+)$")
+
+
+def is_day(name: str) -> bool:
+    """Whether a file name is a UTC day, YYYY-MM-DD (2024-13-45 is not)."""
+    try:
+        day_number(name)
+    except ValueError:
+        return False
+    return True
 
 
 class StoreLocked(Exception):
@@ -97,6 +113,11 @@ class ChunkRef:
     def name(self) -> str:
         b = self.batch
         return f"{self.seq:012d}.{b.dc}.{b.boot}.{b.seq}.{self.records}.pec"
+
+    @property
+    def aad(self) -> bytes:
+        """Associated data of the chunk's seal: all of its path."""
+        return self.partition.aad("data", str(self.batch), str(self.seq), str(self.records))
 
     @classmethod
     def from_name(cls, p: Partition, name: str) -> ChunkRef | None:
@@ -165,13 +186,18 @@ class Store:
         self._master = master
         self.keys = KeyRing(master, self.root / "keys")
         self._lock = threading.Lock()          # commits, sweeps, counters
-        self._idle = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)   # in flight, seq turns
         self._inflight = 0
         self._closed = True
+        self._broken: str | None = None        # why writes are refused until reopened
         self._lock_fd: int | None = None
         self._seen: dict[tuple[str, str, str], _Seqs] = {}
-        self._next_seq = 1
+        self._next_seq = 1                     # the next seq to hand out
+        self._turn = 1                         # the lowest seq not yet committed or failed
+        self._done_early: set[int] = set()     # seqs above _turn already done
         self._journal: tuple[str, int] | None = None   # (day, fd) being appended to
+        self._journal_errors: list[tuple[str, int]] = []   # (file, line) malformed at open
+        self._strays: set[str] = set()         # names under data_dir that are not a day
         self._subscribers: list[Callable[[list[ChunkRef]], None]] = []
         self._since = clock()
         self._stored: dict[str, dict[str, dict[str, int]]] = {"logs": {}, "sample": {}}
@@ -185,25 +211,35 @@ class Store:
     def open(self) -> Store:
         """Create the layout, check the master key, recover from a crash."""
         for sub in ("keys", "logs", "sample", "journal"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_dirs(self.root / sub)
         os.chmod(self.root, 0o700)
         self._take_lock()
         try:
             check_master(self._master, self.root / "master.check")
             shutil.rmtree(self.root / "trash", ignore_errors=True)
             committed = self._load_journals()
-            self._next_seq = committed + 1
-            self._drop_uncommitted(committed)
+            # A malformed journal line may have been the last commit: its
+            # chunks are then kept rather than deleted (see _drop_uncommitted).
+            high = self._drop_uncommitted(committed, keep=bool(self._journal_errors))
+            self._next_seq = self._turn = max(committed, high) + 1
+            self._broken = None
         except BaseException:
             self.close()
             raise
         self._closed = False
         return self
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
-        """Refuse new ingests, wait (bounded) for those in flight, forget keys."""
+        """Refuse new ingests, wait (bounded) for those in flight, forget keys.
+        An ingest still sealing when the wait ends finds the store closed
+        at its commit and removes its files (StoreUnavailable)."""
         with self._idle:
             self._closed = True
+            self._idle.notify_all()   # commits waiting for their turn give up
             self._idle.wait_for(lambda: self._inflight == 0, timeout=CLOSE_WAIT)
             if self._journal is not None:
                 os.close(self._journal[1])
@@ -233,9 +269,26 @@ class Store:
 
     @property
     def high_seq(self) -> int:
-        """The seq of the last commit (0 before the first)."""
+        """Every commit up to this seq is done: its chunks are on disk (or it
+        failed and has none). 0 before the first."""
         with self._lock:
-            return self._next_seq - 1
+            return self._turn - 1
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store open while writing something of one's own under
+        data_dir (a logpush cursor): StoreUnavailable if it is closed; close()
+        waits (bounded) for the block to end."""
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
 
     # ----------------------------------------------------------------------- retention
 
@@ -248,6 +301,15 @@ class Store:
 
     def _expired(self, p: Partition, today: int) -> bool:
         return day_number(p.day) <= today - self.retention_days(p.zone)
+
+    def _stray(self, rel: str) -> None:
+        """A name that should be a day and is not (not ours): left alone, counted."""
+        with self._lock:
+            if rel in self._strays:
+                return
+            self._strays.add(rel)
+        print(f"privedge-core: {self.root}/{rel}: not a day (YYYY-MM-DD); left alone",
+              file=sys.stderr)
 
     # ----------------------------------------------------------------------- ingest
 
@@ -266,21 +328,43 @@ class Store:
         NDJSON). RecordError: nothing stored. StoreUnavailable: retry later."""
         stream = batch.stream
         with self._lock:
-            if self._closed:
-                raise StoreUnavailable("the store is closing")
+            if self._closed or self._broken:
+                raise StoreUnavailable(self._broken or "the store is closing")
             if self._is_duplicate(batch):
                 self._duplicates[stream] += 1
                 return IngestResult(0, True)
             self._inflight += 1
         try:
             parsed = parse_batch(stream, body, self._rules(batch.dc, self.clock()))
-            return self._commit(batch, parsed, self._prepare(batch, parsed))
+            with self._lock:
+                if self._closed:
+                    raise StoreUnavailable("the store is closing")
+                seq = self._next_seq
+                self._next_seq += 1   # burnt if this commit fails: seqs never repeat
+            try:
+                return self._commit(seq, batch, parsed, self._prepare(seq, batch, parsed))
+            finally:
+                with self._lock:
+                    if seq >= self._turn and seq not in self._done_early:
+                        self._done(seq)   # failed or a duplicate: burnt
         finally:
             with self._idle:
                 self._inflight -= 1
                 self._idle.notify_all()
 
-    def _prepare(self, batch: BatchId, parsed: Parsed) -> list[tuple[Partition, Path, int]]:
+    def _done(self, seq: int) -> None:
+        """seq is committed or failed: the next seq may commit (under the lock)."""
+        if seq != self._turn:
+            self._done_early.add(seq)
+            return
+        self._turn += 1
+        while self._turn in self._done_early:
+            self._done_early.remove(self._turn)
+            self._turn += 1
+        self._idle.notify_all()
+
+    def _prepare(self, seq: int, batch: BatchId, parsed: Parsed
+                 ) -> list[tuple[Partition, Path, int]]:
         """Seal each partition's records into a temporary file (fsynced)."""
         prepared: list[tuple[Partition, Path, int]] = []
         try:
@@ -289,10 +373,10 @@ class Store:
                 p = Partition(batch.stream, zone, day)
                 aead = self.keys.get(p, create=True)
                 assert aead is not None
-                blob = seal(aead, zlib.compress(dump_records(records), 1),
-                            p.aad("data", str(batch)))
+                ref = ChunkRef(seq, day, zone, batch.stream, batch, len(records))
+                blob = seal(aead, zlib.compress(dump_records(records), 1), ref.aad)
                 directory = self.root.joinpath(*p.parts)
-                directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_dirs(directory)
                 tmp = directory / f".tmp.{secrets.token_hex(8)}"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 prepared.append((p, tmp, len(records)))
@@ -309,10 +393,19 @@ class Store:
             raise StoreUnavailable(why) from None
         return prepared
 
-    def _commit(self, batch: BatchId, parsed: Parsed,
+    def _commit(self, seq: int, batch: BatchId, parsed: Parsed,
                 prepared: list[tuple[Partition, Path, int]]) -> IngestResult:
         stream = batch.stream
         with self._lock:
+            # In seq order, so that a reader that has seen seq N has seen
+            # every commit before it (logpush pages by seq).
+            self._idle.wait_for(lambda: self._turn == seq or self._closed)
+            if self._closed or self._broken:
+                # close() gave up waiting for this ingest: nothing may be
+                # written now (the journal is closed, the flock released).
+                for _, tmp, _ in prepared:
+                    tmp.unlink(missing_ok=True)
+                raise StoreUnavailable(self._broken or "the store is closing")
             if self._is_duplicate(batch):   # a concurrent retry committed first
                 for _, tmp, _ in prepared:
                     tmp.unlink(missing_ok=True)
@@ -320,8 +413,6 @@ class Store:
                 return IngestResult(0, True)
             now = self.clock()
             today = int(now // 86400)
-            seq = self._next_seq
-            self._next_seq += 1   # burnt even if this commit fails: seqs never repeat
             refs: list[ChunkRef] = []
             expired = parsed.expired
             try:
@@ -343,7 +434,9 @@ class Store:
                     self.root.joinpath(*ref.partition.parts, ref.name).unlink(missing_ok=True)
                 for _, tmp, _ in prepared:
                     tmp.unlink(missing_ok=True)
-                raise StoreUnavailable(f"cannot commit: {e.strerror}") from None
+                raise StoreUnavailable(f"cannot commit: {e.strerror or type(e).__name__}"
+                                       ) from None
+            self._done(seq)   # before the subscribers hear of it: high_seq includes it
             self._seen.setdefault((batch.dc, stream, batch.boot), _Seqs()).add(batch.seq)
             self._expired_count[stream] += expired
             for ref in refs:
@@ -356,6 +449,10 @@ class Store:
         return IngestResult(stored, False, expired)
 
     def _append_journal(self, now: float, line: str) -> None:
+        """Append and fsync one commit line (under the lock). On failure the
+        file is cut back to where the line began, so no half line is left
+        for the next commit to be glued onto; if that fails too, the journal
+        is closed and writes are refused (StoreUnavailable) until open()."""
         day = day_of(now)
         if self._journal is None or self._journal[0] != day:
             if self._journal is not None:
@@ -366,8 +463,20 @@ class Store:
             self._journal = (day, fd)
             fsync_dir(path.parent)
         fd = self._journal[1]
-        write_all(fd, line.encode())
-        os.fsync(fd)
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            write_all(fd, line.encode())
+            os.fsync(fd)
+        except OSError as e:
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                os.close(fd)
+                self._journal = None
+                self._broken = (f"a failed journal append ({e.strerror or type(e).__name__}) "
+                                "could not be undone; writes are refused until restart")
+                print(f"privedge-core: journal/{day}.log: {self._broken}", file=sys.stderr)
+            raise
 
     def note_rejected(self, stream: str, status: int) -> None:
         """Count a refused batch (400, 403, 413) for /v1/stats."""
@@ -383,67 +492,121 @@ class Store:
         floor_file = jdir / "floor"
         high = int(floor_file.read_text().strip() or 0) if floor_file.exists() else 0
         for path in sorted(jdir.glob("*.log")):
+            if not is_day(path.stem):
+                self._stray(f"journal/{path.name}")
+                continue
             data = path.read_bytes()
             if data and not data.endswith(b"\n"):
-                # A torn last line: that commit never finished; cut it off so
-                # the next append starts on a line of its own.
+                # A torn last line: that commit never finished (its answer
+                # comes after the fsync, so it was never acknowledged); cut
+                # it off so the next append starts on a line of its own.
                 keep = data.rfind(b"\n") + 1
                 os.truncate(path, keep)
                 data = data[:keep]
-            for line in data.decode("utf-8", "replace").splitlines():
-                parts = line.split(" ")
+            for n, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+                m = _JOURNAL_RE.match(line)
                 try:
-                    seq, batch = int(parts[0]), BatchId.parse(parts[1])
-                except (ValueError, IndexError):
-                    print(f"privedge-core: {path}: skipping a malformed line", file=sys.stderr)
+                    seq, batch = int(m[1]), BatchId.parse(m[2])  # type: ignore[index]
+                except (ValueError, TypeError):
+                    # Not a torn end: a commit line that cannot be read. Said
+                    # by position only, and counted (/v1/stats journal_errors).
+                    self._journal_errors.append((path.name, n))
+                    print(f"privedge-core: journal/{path.name} line {n}: malformed (not "
+                          "<seq> <batch id> <records>); chunks are kept and batch ids "
+                          "taken from their names", file=sys.stderr)
                     continue
                 high = max(high, seq)
                 self._seen.setdefault((batch.dc, batch.stream, batch.boot), _Seqs()
                                       ).add(batch.seq)
         return high
 
+    def _days(self, parent: Path) -> Iterator[Path]:
+        """The day directories in parent, sorted; other names are strays."""
+        for ddir in sorted(parent.iterdir()):
+            if not ddir.is_dir():
+                continue
+            if is_day(ddir.name):
+                yield ddir
+            else:
+                self._stray(str(ddir.relative_to(self.root)))
+
     def _partitions_on_disk(self) -> Iterator[tuple[Partition, Path]]:
         for zdir in sorted((self.root / "logs").iterdir()):
             if zdir.is_dir():
-                for ddir in sorted(zdir.iterdir()):
-                    if _DAY_RE.match(ddir.name) and ddir.is_dir():
-                        yield Partition("logs", zdir.name, ddir.name), ddir
-        for ddir in sorted((self.root / "sample").iterdir()):
-            if _DAY_RE.match(ddir.name) and ddir.is_dir():
-                yield Partition("sample", None, ddir.name), ddir
+                for ddir in self._days(zdir):
+                    yield Partition("logs", zdir.name, ddir.name), ddir
+        for ddir in self._days(self.root / "sample"):
+            yield Partition("sample", None, ddir.name), ddir
 
-    def _drop_uncommitted(self, committed: int) -> None:
-        """Remove temporary files, and chunks above the last committed seq."""
-        for _, ddir in self._partitions_on_disk():
+    def _drop_uncommitted(self, committed: int, keep: bool) -> int:
+        """Remove temporary files, and chunks above the last committed seq;
+        the highest seq of a chunk left. With `keep` (a journal line could
+        not be read, and may have been the last commit) chunks above it are
+        kept rather than deleted (a batch stored twice is better than an
+        acknowledged one lost), and the batch ids in every chunk's name are
+        taken as committed, standing in for the line that was lost."""
+        high = committed
+        for p, ddir in self._partitions_on_disk():
             for entry in os.scandir(ddir):
                 m = _CHUNK_RE.match(entry.name)
-                if entry.name.startswith(".tmp.") or (m and int(m[1]) > committed):
+                if entry.name.startswith(".tmp."):
                     os.unlink(entry.path)
+                elif m and keep:
+                    high = max(high, int(m[1]))
+                    self._seen.setdefault((m[2], p.stream, m[3]), _Seqs()).add(int(m[4]))
+                elif m and int(m[1]) > committed:
+                    os.unlink(entry.path)
+        return high
 
     # ----------------------------------------------------------------------- reading
 
-    def chunks(self, zone: str, after_seq: int) -> list[ChunkRef]:
-        """A zone's stored chunks with seq > after_seq, in (seq, day) order."""
-        out: list[ChunkRef] = []
+    def chunks(self, zone: str, after_seq: int, upto_seq: int,
+               limit: int) -> tuple[list[ChunkRef], int]:
+        """A page of a zone's stored chunks with after_seq < seq <= upto_seq,
+        in (seq, day) order, and the seq up to which it is complete (upto_seq,
+        or less when there were more than `limit`). A page never holds part
+        of a seq's chunks (a batch's chunks of one zone are a few days' at
+        most, far fewer than `limit`). Memory is O(limit), whatever is on disk."""
         zdir = self.root / "logs" / zone
         if not zdir.is_dir():
-            return out
-        for ddir in zdir.iterdir():
-            if not _DAY_RE.match(ddir.name):
-                continue
-            p = Partition("logs", zone, ddir.name)
-            try:
-                names = os.listdir(ddir)
-            except FileNotFoundError:
-                continue   # swept meanwhile
-            for name in names:
-                ref = ChunkRef.from_name(p, name)
-                if ref is not None and ref.seq > after_seq:
-                    out.append(ref)
-        return sorted(out, key=lambda r: (r.seq, r.day))
+            return [], upto_seq
+
+        def refs() -> Iterator[ChunkRef]:
+            for ddir in zdir.iterdir():
+                if not is_day(ddir.name):
+                    continue
+                p = Partition("logs", zone, ddir.name)
+                try:
+                    names = os.listdir(ddir)
+                except (FileNotFoundError, NotADirectoryError):
+                    continue   # swept meanwhile
+                for name in names:
+                    ref = ChunkRef.from_name(p, name)
+                    if ref is not None and ref.seq > after_seq and (
+                            upto_seq is None or ref.seq <= upto_seq):
+                        yield ref
+
+        def key(r: ChunkRef) -> tuple[int, str]:
+            return (r.seq, r.day)
+
+        page = heapq.nsmallest(limit + 1, refs(), key=key)
+        if len(page) <= limit:
+            return page, upto_seq
+        last = page[-1].seq   # it may go on past the page: left for the next one
+        whole = [r for r in page if r.seq != last]
+        if not whole:          # more than `limit` chunks of one seq: not made by ingest
+            return page, last
+        return whole, whole[-1].seq
+
+    def partition_gone(self, p: Partition) -> bool:
+        """Whether the partition's key is gone (swept, or never made)."""
+        return self.keys.get(p) is None
 
     def read_chunk(self, ref: ChunkRef) -> bytes | None:
-        """A chunk's NDJSON; None if it is gone (swept: file or key)."""
+        """A chunk's NDJSON; None if it is gone (swept: file or key), or the
+        store is closed (its keys are forgotten and stay so)."""
+        if self._closed:
+            return None
         p = ref.partition
         aead = self.keys.get(p)
         if aead is None:
@@ -453,7 +616,7 @@ class Store:
         except FileNotFoundError:
             return None
         try:
-            return zlib.decompress(open_sealed(aead, blob, p.aad("data", str(ref.batch))))
+            return zlib.decompress(open_sealed(aead, blob, ref.aad))
         except DecryptError as e:
             with self._lock:
                 self._unreadable += 1
@@ -490,19 +653,29 @@ class Store:
         """
         report = SweepReport()
         trash: list[Path] = []
+        # Listed outside the lock (strays are noted under it).
+        parts = list(self._partitions_on_disk())
+        keyed = []
+        for p in self.keys.partitions():
+            if is_day(p.day):
+                keyed.append(p)
+            else:
+                self._stray(str(self.keys.path(p).relative_to(self.root)))
         with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the store is closed")
             today = int(self.clock() // 86400)
-            for p, ddir in list(self._partitions_on_disk()):
-                if self._expired(p, today):
+            for p, ddir in parts:
+                if self._expired(p, today) and ddir.is_dir():
                     if self.keys.destroy(p):
                         report.keys_destroyed += 1
                     # Renamed away under the lock (instant); removed after it.
                     t = self.root / "trash" / secrets.token_hex(8)
-                    t.parent.mkdir(exist_ok=True, mode=0o700)
+                    make_dirs(t.parent)
                     os.rename(ddir, t)
                     trash.append(t)
                     report.removed.append(p)
-            for p in self.keys.partitions():   # keys of days that never got data
+            for p in keyed:   # keys of days that never got data
                 if self._expired(p, today) and self.keys.destroy(p):
                     report.keys_destroyed += 1
             report.journals_removed = self._sweep_journals(today)
@@ -513,14 +686,16 @@ class Store:
     def _sweep_journals(self, today: int) -> int:
         jdir = self.root / "journal"
         old = [p for p in jdir.glob("*.log")
-               if _DAY_RE.match(p.stem) and day_number(p.stem) <= today - JOURNAL_DAYS]
+               if is_day(p.stem) and day_number(p.stem) <= today - JOURNAL_DAYS]
         if not old:
             return 0
         if self._journal is not None and any(p.stem == self._journal[0] for p in old):
             os.close(self._journal[1])
             self._journal = None
-        # Seqs must keep growing when the journals that knew them are gone.
-        write_atomic(jdir / "floor", f"{self._next_seq - 1}\n".encode())
+        # Seqs must keep growing when the journals that knew them are gone:
+        # the highest committed (a seq handed out and not committed has no
+        # chunk that could be mistaken for committed after a crash).
+        write_file(jdir / "floor", f"{self._turn - 1}\n".encode(), 0o600)
         for p in old:
             p.unlink()
         return len(old)
@@ -538,6 +713,9 @@ class Store:
                 "rejected": {s: dict(r) for s, r in self._rejected.items()},
                 "expired_on_arrival": dict(self._expired_count),
                 "unreadable_chunks": self._unreadable,
+                "journal_errors": len(self._journal_errors),
+                "stray_entries": len(self._strays),
+                "writes_refused": self._broken is not None,
             }
         disk: dict[str, dict] = {"logs": {}, "sample": {}}
         for p, ddir in self._partitions_on_disk():

@@ -4,6 +4,7 @@ sampled, at least once through an outage, resumed from the cursor."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import ipaddress
 import json
@@ -18,9 +19,18 @@ from pathlib import Path
 import pytest
 
 from control import pki
+from core import logpush
 from core.config import parse_config
+from core.logpush import Position
 from core.server import CoreServer
-from tests.unit.test_logstore import base_config, log_record, net_pki, post  # noqa: F401
+from tests.unit.test_logstore import (  # noqa: F401
+    DAY,
+    Clock,
+    base_config,
+    log_record,
+    net_pki,
+    post,
+)
 
 TIMEOUT = 10.0
 
@@ -101,11 +111,12 @@ def customers(tmp_path: Path) -> Iterator[Callable[..., Customer]]:
 def start_core(tmp_path: Path, net_pki: Path) -> Iterator[Callable[..., CoreServer]]:  # noqa: F811
     started: list[CoreServer] = []
 
-    def start(job: dict) -> CoreServer:
-        job = {"name": "siem", "retry_initial": 0.05, "retry_max": 0.2, **job}
+    def start(*jobs: dict, clock: Callable[[], float] = time.time) -> CoreServer:
+        jobs = tuple({"name": "siem", "retry_initial": 0.05, "retry_max": 0.2, **job}
+                     for job in jobs)
         cfg = parse_config(base_config(tmp_path, net_pki, zones={
-            "www": {"logpush": [job]}, "blog": {}}))
-        server = CoreServer(cfg).start()
+            "www": {"logpush": list(jobs)}, "blog": {}}))
+        server = CoreServer(cfg, clock=clock).start()
         started.append(server)
         return server
 
@@ -146,12 +157,9 @@ def test_sampling_keeps_about_the_rate(start_core, customers, net_pki: Path) -> 
                        "max_records": 5000, "max_seconds": 0.2})
     for _ in range(4):
         assert post(core.port, net_pki, [log_record("www", i=i) for i in range(1000)])[0] == 200
-    deadline = time.monotonic() + TIMEOUT
-    while core.logpush.stats()["www"]["siem"]["cursor_seq"] < 4 and \
-            time.monotonic() < deadline:
-        time.sleep(0.02)
-    wait_for(lambda: core.logpush.stats()["www"]["siem"]["backlog_chunks"] == 0)
-    time.sleep(0.3)   # the last partial batch goes after max_seconds
+    # Caught up: every chunk read, the last partial batch (after max_seconds) sent.
+    wait_for(lambda: (s := core.logpush.stats()["www"]["siem"])["cursor_seq"] >= 4
+             and s["caught_up"])
     n = len(customer.records)
     # 4000 records at 0.25: mean 1000, sd about 27; 800..1200 is over 7 sd.
     assert 800 <= n <= 1200, n
@@ -204,3 +212,88 @@ def test_a_restart_resumes_from_the_cursor(start_core, customers,
     assert customer.attempts == attempts + 1
     cursor = json.loads((core.config.data_dir / "logpush" / "www" / "siem.cursor").read_text())
     assert set(cursor) == {"seq", "day", "offset"}
+
+
+def siem(pusher_core: CoreServer, name: str = "siem") -> dict:
+    return pusher_core.logpush.stats()["www"][name]
+
+
+def test_an_outage_holds_a_page_of_chunks_not_a_queue(start_core, customers, net_pki: Path,  # noqa: F811
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the endpoint is down a job holds one batch and at most a page
+    of listed chunks, however many are committed; back up, it pages through
+    the store after its cursor and delivers every record once, in order."""
+    monkeypatch.setattr(logpush, "PAGE", 16)
+    customer = customers()
+    customer.fail = True
+    core = start_core({"url": f"https://127.0.0.1:{customer.port}/", "ca_file":
+                       str(customer.ca), "fields": ["bytes"], "max_records": 5,
+                       "max_seconds": 0.05})
+    for i in range(53):
+        assert post(core.port, net_pki, [log_record("www", i=i)])[0] == 200
+        assert siem(core)["listed_chunks"] <= 16
+        assert siem(core)["buffered_records"] <= 5
+    wait_for(lambda: customer.attempts >= 2)
+    assert siem(core)["offered_seq"] == 53
+    customer.fail = False
+    wait_for(lambda: siem(core)["caught_up"])
+    assert [r["bytes"] for r in customer.records] == [1234 + i for i in range(53)]
+    assert siem(core)["records"] == 53
+
+
+def test_records_swept_while_retried_are_dropped_and_counted(start_core, customers,
+                                                             net_pki: Path) -> None:  # noqa: F811
+    clock = Clock()
+    customer = customers()
+    customer.fail = True
+    core = start_core({"url": f"https://127.0.0.1:{customer.port}/", "ca_file":
+                       str(customer.ca), "fields": ["bytes"], "max_seconds": 0.05},
+                      clock=clock)
+    assert post(core.port, net_pki, [log_record("www", clock.now, i=i) for i in range(3)]
+                )[0] == 200
+    wait_for(lambda: customer.attempts >= 1)
+    clock.now += 8 * DAY   # past www's 7 days: the sweep takes the day (and its key)
+    assert len(core.sweep().removed) == 1
+    wait_for(lambda: siem(core)["skipped_records"] == 3)
+    customer.fail = False
+    assert post(core.port, net_pki, [log_record("www", clock.now, i=7)])[0] == 200
+    wait_for(lambda: len(customer.records) == 1)
+    assert customer.records == [{"bytes": 1241}]
+    assert siem(core)["records"] == 1
+
+
+def test_stop_cuts_requests_in_flight_and_waits_once(start_core, customers, net_pki: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """Two jobs each in a request to an endpoint that never answers (a 60 s
+    timeout): stop() cuts both at once instead of waiting for each in turn,
+    and no cursor moves."""
+    probe = customers()   # for its CA only
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(hung.accept()[0])   # and never a byte back
+
+    threading.Thread(target=accept, daemon=True).start()
+    url = f"https://127.0.0.1:{hung.getsockname()[1]}/"
+    core = start_core(*({"name": n, "url": url, "ca_file": str(probe.ca), "timeout": 60,
+                         "max_seconds": 0.05} for n in ("siem", "archive")))
+    state = core.config.data_dir / "logpush" / "www"
+    before = {p.name: p.read_bytes() for p in state.iterdir()}
+    assert post(core.port, net_pki, [log_record("www")])[0] == 200
+    wait_for(lambda: len(accepted) >= 2)
+    t0 = time.monotonic()
+    core.stop()
+    assert time.monotonic() - t0 < 3
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    # Once the store is closed a job writes no cursor.
+    pusher = core.logpush.pushers["www"][0]
+    pusher._save_cursor(Position(99, "2024-01-01", 0))
+    assert {p.name: p.read_bytes() for p in state.iterdir()} == before
+    hung.close()
+    for s in accepted:
+        s.close()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import select
 import socket
 import ssl
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ from agent.metrics.registry import AllowlistRegistry, MetricsError
 from agent.metrics.rtt import RttCollector, RttProber
 from agent.metrics.server import MetricsServer, TlsFiles
 from control import pki
+from control.tlshttp import TlsHttpServer
 
 TIMEOUT = 5
 
@@ -193,6 +196,59 @@ def test_no_client_certificate_or_a_strangers_is_refused(served: MetricsServer, 
         tls.recv(1)
     # The server still serves after the refusals.
     assert "privedge_l7" in _scrape(port, certs, "prometheus")
+
+
+def test_slow_clients_are_cut_at_the_head_deadline_and_connections_bounded(
+        certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """control/tlshttp.py: a client that says nothing, or trickles its request
+    head, holds a thread for head_timeout in all, not per read; at most
+    max_connections are served at once."""
+    monkeypatch.setattr(TlsHttpServer, "head_timeout", 0.4, raising=False)
+    monkeypatch.setattr(TlsHttpServer, "max_connections", 1, raising=False)
+    registry = AllowlistRegistry()
+    counters = _busy_counters()
+    registry.register(L7Collector(lambda: counters))
+    tls = TlsFiles(certs / "agents" / "dus.crt", certs / "agents" / "dus.key", certs / "ca.crt")
+    served = MetricsServer(registry, "127.0.0.1", 0, tls).start()
+    try:
+        _slow_clients(served, certs)
+    finally:
+        served.stop()
+
+
+def _slow_clients(served: MetricsServer, certs: Path) -> None:
+    port = served.address[1]
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as idle:
+        with pytest.raises(OSError):   # the one connection is taken
+            _scrape(port, certs, "prometheus")
+        assert idle.recv(1) == b""     # cut at its handshake's deadline
+    assert time.monotonic() - t0 < 2
+    ctx = ssl.create_default_context(cafile=certs / "ca.crt")
+    ctx.load_cert_chain(certs / "prometheus.crt", certs / "prometheus.key")
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as raw, \
+            ctx.wrap_socket(raw, server_hostname="dus.dc.privedge.internal") as tls:
+        t0 = time.monotonic()
+        tls.sendall(b"GET /metrics HTTP/1.1\r\nHost: dus\r\nX-Slow: ")
+        closed = False
+        while not closed and time.monotonic() - t0 < TIMEOUT:
+            try:
+                tls.sendall(b"x")
+                if select.select([tls], [], [], 0.05)[0]:
+                    closed = tls.recv(100) == b""
+            except OSError:
+                closed = True
+        assert closed and time.monotonic() - t0 < 2
+    # Served again once the cut connection's thread has let its slot go.
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            assert "privedge_l7" in _scrape(port, certs, "prometheus")
+            break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    assert served._httpd.connections_refused >= 1 and served._httpd.handler_errors == 0
 
 
 def test_reload_serves_a_reissued_certificate_without_a_restart(tmp_path: Path) -> None:
