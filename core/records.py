@@ -72,7 +72,8 @@ def day_number(day: str) -> int:
     return dt.date.fromisoformat(day).toordinal() - _EPOCH_ORDINAL
 
 
-def _is_ip(text: str) -> bool:
+def is_ip(text: str) -> bool:
+    """True if `text` parses as an IPv4 or IPv6 address (strictly: ipaddress)."""
     try:
         ipaddress.ip_address(text)
     except ValueError:
@@ -184,7 +185,7 @@ def _check_log(rec: dict, line: int, rules: Rules) -> str:
                           f"{', '.join(sorted(CACHE_STATUSES - {''}))} or \"\"")
     if not _ACTION_RE.match(rec["action"]):
         raise RecordError(line, "action", "not an action label (a-z 0-9 _, or \"\")")
-    if not _is_ip(rec["client_ip"]):
+    if not is_ip(rec["client_ip"]):
         raise RecordError(line, "client_ip", "not an IP address")
     return zone
 
@@ -193,7 +194,7 @@ def _check_sample(rec: dict, line: int, rules: Rules) -> None:
     _strings(rec, _SAMPLE_STRINGS, line)
     for key in _SAMPLE_STRINGS:
         # The sample carries no address, whatever the field (DESIGN.md §2).
-        if _is_ip(rec[key]):
+        if is_ip(rec[key]):
             raise RecordError(line, key, "looks like an IP address; the sample carries none")
     if rec["dc"] != rules.dc:
         raise RecordError(line, "dc", f"not the sender ({rules.dc}, from its certificate)")

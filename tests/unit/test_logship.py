@@ -189,7 +189,7 @@ class FakeCore:
                 return 400, {"error": f"line {n}: keys {sorted(rec)}"}
             if stream == "sample":
                 for k, v in rec.items():
-                    if isinstance(v, str) and _is_ip(v):
+                    if isinstance(v, str) and core_records.is_ip(v):
                         return 400, {"error": f"line {n}: {k} is an address"}
             records.append(rec)
         with self.lock:
@@ -200,14 +200,6 @@ class FakeCore:
             self.raw[batch] = body
             self.order.append(batch)
         return 200, {"stored": len(records), "duplicate": False}
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 class _CoreHandler(BaseHTTPRequestHandler):
