@@ -280,6 +280,17 @@ class Steering(Frozen):
         return tuple(sorted({d.region for d in self.dcs} | {s.region for s in self.services}))
 
 
+def check_l4_rules(rules: tuple[L4Rule, ...]) -> tuple[L4Rule, ...]:
+    """At most L4_RULES_MAX rules (the bit vectors' width), names unique."""
+    if len(rules) > abi.L4_RULES_MAX:
+        raise ValueError(f"{len(rules)} rules; at most {abi.L4_RULES_MAX} fit the bit vectors")
+    names = [r.name for r in rules]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"rule names must be unique: {', '.join(dup)} repeated")
+    return rules
+
+
 class NodeConfig(Frozen):
     """One edge interface: where to attach and which rules to enforce."""
 
@@ -309,13 +320,7 @@ class NodeConfig(Frozen):
     @field_validator("l4_rules")
     @classmethod
     def _l4_count(cls, v: tuple[L4Rule, ...]) -> tuple[L4Rule, ...]:
-        if len(v) > abi.L4_RULES_MAX:
-            raise ValueError(f"{len(v)} rules; at most {abi.L4_RULES_MAX} fit the bit vectors")
-        names = [r.name for r in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"rule names must be unique: {', '.join(dup)} repeated")
-        return v
+        return check_l4_rules(v)
 
     @model_validator(mode="after")
     def _steering_fits(self) -> NodeConfig:

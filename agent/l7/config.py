@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -282,13 +283,15 @@ class ServeConfig(Frozen):
         return Path(self.certs)
 
 
-def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
-    """Checks that span zones: (path, value, why) for each problem found."""
+def zone_problems(zones: Sequence[Zone]) -> list[tuple[str, object, str]]:
+    """Checks that span zones (names, hostnames and dedicated addresses each
+    in one zone only): (path, value, why) for each problem found. Also the
+    network config's (control/network.py)."""
     problems: list[tuple[str, object, str]] = []
     names: dict[str, int] = {}
     hosts: dict[str, int] = {}
     addrs: dict[str, int] = {}
-    for i, zone in enumerate(cfg.zones):
+    for i, zone in enumerate(zones):
         if zone.name == REFUSE:
             problems.append((f"zones[{i}].name", zone.name,
                              f"{REFUSE!r} is reserved for unknown_sni"))
@@ -306,6 +309,13 @@ def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
                 problems.append((f"zones[{i}].addresses[{j}]", addr,
                                  f"already an address of zones[{addrs[addr]}]"))
             addrs.setdefault(addr, i)
+    return problems
+
+
+def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
+    """Checks that span zones and listeners: (path, value, why) for each."""
+    problems = zone_problems(cfg.zones)
+    names = [z.name for z in cfg.zones]
     seen: set[str] = set()
     for i, addr in enumerate(cfg.listen):
         if addr in seen:
