@@ -137,6 +137,15 @@ class PrefixTables:
                          bool).reshape(-1)
         return PrefixTables(self.v4[~np.isin(k4, gone4)], self.v6[keep6])
 
+    def changes(self, new: PrefixTables) -> tuple[int, int]:
+        """(added, removed): entries of `new` that are not in this table, and
+        entries of this table that `new` lacks (expiries aside)."""
+        old4, old6 = self._keys()
+        new4, new6 = new._keys()
+        added = int(np.setdiff1d(new4, old4).size) + len(new6 - old6)
+        removed = int(np.setdiff1d(old4, new4).size) + len(old6 - new6)
+        return added, removed
+
     def prefixes(self) -> list[tuple[Prefix, float]]:
         out = [(Prefix(4, int(r["addr"]), int(r["plen"])), float(r["expires"])) for r in self.v4]
         out += [(Prefix(6, (int(r["hi"]) << 64) | int(r["lo"]), int(r["plen"])),

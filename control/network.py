@@ -2,6 +2,7 @@
 
     python -m control.network validate network.yaml     every problem, or "ok"
     python -m control.network schema [--out FILE]        JSON Schema for editors
+    python -m control.network diff OLD NEW               what each DC would change
 
 Validated completely into typed, immutable objects before anything is sent
 anywhere. What the edge already validates is reused, not restated: a zone
@@ -232,6 +233,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     v.add_argument("file", type=Path)
     s = sub.add_parser("schema", help="the JSON Schema of the network config")
     s.add_argument("--out", type=Path, help="write here (default: stdout)")
+    d = sub.add_parser("diff", help="what applying NEW over OLD changes at each DC")
+    d.add_argument("old", type=Path)
+    d.add_argument("new", type=Path)
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.cmd == "schema":
         text = json.dumps(json_schema(), indent=1) + "\n"
@@ -240,12 +244,28 @@ def main(argv: Iterable[str] | None = None) -> int:
         else:
             args.out.write_text(text)
         return 0
+    if args.cmd == "diff":
+        return _diff(args.old, args.new)
     try:
         cfg = load_network(args.file)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
     print(f"{args.file}: ok: {summary(cfg)}")
+    return 0
+
+
+def _diff(old_path: Path, new_path: Path) -> int:
+    from control.render import diff  # the renderer imports this module
+    try:
+        old, new = load_network(old_path), load_network(new_path)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    changes = diff(old, new, old_path.parent, new_path.parent)
+    width = max(len(dc) for dc in changes)
+    for dc, d in changes.items():
+        print(f"{dc:<{width}}  {d.summary()}")
     return 0
 
 
