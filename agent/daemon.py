@@ -1,14 +1,15 @@
 """privedge-agent: bring a DC's links under protection and look after them.
 
   privedge-agent run --config inet0.yaml [--config bb0.yaml] [--serve serve.yaml]
-                     [--metrics metrics.yaml] [--logs logs.yaml]
+                     [--metrics metrics.yaml] [--logs logs.yaml] [--api api.yaml]
         start (or adopt) every link, then stay: SIGHUP reloads each config as a
         new generation (and restarts the front end), SIGTERM/SIGINT exit and
         leave the programs attached. --serve runs the TLS front end with the
         Regional Services guard (agent/l7). --metrics serves /metrics over
         mTLS (agent/metrics). --logs ships customer logs and the operations
-        sample to the core over mTLS (agent/logs). SIGHUP also reloads the
-        certificates of both; logs.yaml itself is read at start.
+        sample to the core over mTLS (agent/logs). --api serves operators and
+        the control plane over mTLS, by role, audited (agent/api.py). SIGHUP
+        also reloads their certificates; those three files are read at start.
   privedge-agent check --config node.yaml   validate config and lists; change nothing
   privedge-agent detach IFACE               remove program, pins and state
 
@@ -28,6 +29,7 @@ import time
 from pyroute2 import NetlinkError
 
 from agent import catalog, loader, neighbours
+from agent.api import AgentApi, ApiConfig, ApiServer, load_api_config
 from agent.apply import apply_generation, expire_entries
 from agent.bcc_build import BuildError
 from agent.compile import CapacityError, compile_rules
@@ -48,6 +50,7 @@ from agent.node import NodeError
 from agent.prefixes import PrefixError
 from agent.rules import ruleset_from_config
 from agent.xdp_link import LinkError
+from control.audit import AuditError, AuditLog
 
 SWEEP_SECONDS = 1.0
 NEIGHBOUR_SECONDS = 5.0
@@ -134,7 +137,8 @@ class Agent:
     """Every link of a DC, the TLS front end, and the backbone neighbours."""
 
     def __init__(self, config_paths: list[str], serve_path: str | None = None,
-                 metrics_path: str | None = None, logs_path: str | None = None) -> None:
+                 metrics_path: str | None = None, logs_path: str | None = None,
+                 api_path: str | None = None) -> None:
         self.links = [Link(p) for p in config_paths]
         names = [link.cfg.interface for link in self.links]
         if len(set(names)) != len(names):
@@ -151,6 +155,8 @@ class Agent:
         self.metrics: MetricsService | None = None
         self.logs_cfg: LogsConfig | None = load_logs_config(logs_path) if logs_path else None
         self.logs: LogService | None = None
+        self.api_cfg: ApiConfig | None = load_api_config(api_path) if api_path else None
+        self.api: ApiServer | None = None
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -183,6 +189,28 @@ class Agent:
         zones = ", ".join(self.logs_cfg.zones) or "no zone"
         phase("logs", f"customer logs of {zones}; sample rate {self.logs_cfg.sample.rate:g}"
                       f" to {self.logs_cfg.sample_core or 'nowhere'}")
+
+    def start_api(self) -> None:
+        """The operators' and the control plane's API over mTLS (agent/api.py)."""
+        if self.api_cfg is None:
+            return
+        c = self.api_cfg
+        serve, steering = self.serve_cfg, self.steering
+        dc = serve.dc if serve else steering.dc if steering else ""
+        region = serve.region if serve else steering.region if steering else ""
+        log = AuditLog(c.audit)
+        try:
+            log.last()   # readable and whole now, not at the first change
+        except AuditError as e:
+            raise ConfigError(f"api: audit log {e}") from None
+        api = AgentApi(dc, region, {link.cfg.interface: link.node for link in self.links},
+                       serve.status_socket if serve else None, log)
+        try:
+            self.api = ApiServer(api, c.listen, c.port, c.tls).start()
+        except OSError as e:
+            raise ConfigError(f"api on [{c.listen}]:{c.port}: {e}") from None
+        address, port = self.api.address
+        phase("api", f"operators' API over mTLS on [{address}]:{port}; audit {c.audit}")
 
     def reload_logs(self) -> None:
         """SIGHUP: the certificates again (the PKI reissued them in place)."""
@@ -282,6 +310,7 @@ class Agent:
         self.start_logs()
         self.start_front()
         self.start_metrics()
+        self.start_api()
         phase("ready", f"{len(self.links)} link(s) protected"
                        f"{'' if self.front is None else ', front end serving'}")
         last_warm = time.monotonic()
@@ -292,11 +321,18 @@ class Agent:
                 self.reload_front()
                 self.reload_metrics()
                 self.reload_logs()
+                if self.api is not None:
+                    try:
+                        self.api.reload()
+                    except (OSError, ssl.SSLError) as e:
+                        phase("reload", f"API certificates refused, the old ones stay: {e}")
             for link in self.links:
                 link.sweep()
             if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:
                 self.warm_neighbours()
                 last_warm = time.monotonic()
+        if self.api:
+            self.api.stop()
         if self.metrics:
             self.metrics.stop()
         if self.front:
@@ -335,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--serve", help="the TLS front end's config (agent/l7)")
     r.add_argument("--metrics", help="where to serve /metrics over mTLS (agent/metrics)")
     r.add_argument("--logs", help="where customer logs and the sample go (agent/logs)")
+    r.add_argument("--api", help="the operators' API over mTLS (agent/api.py)")
     c = sub.add_parser("check", help="validate the config; change nothing")
     c.add_argument("--config", required=True)
     d = sub.add_parser("detach", help="remove the program, pins and state of an interface")
@@ -345,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.cmd == "run":
-            return Agent(args.config, args.serve, args.metrics, args.logs).run()
+            return Agent(args.config, args.serve, args.metrics, args.logs, args.api).run()
         if args.cmd == "check":
             return check(args.config)
         found = loader.detach(args.iface, args.bpffs, args.run_dir, args.netns, phase)

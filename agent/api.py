@@ -1,0 +1,275 @@
+"""The agent's API for operators and the control plane: HTTPS, a client
+certificate from the network's CA required, the role in its OU (control/pki.py).
+
+    GET    /v1/status           viewer   dc, region, each link's generation and
+                                         counters, the front end's counters
+    POST   /v1/deny             operator {"prefixes": [...], "expires": SECONDS}
+    DELETE /v1/deny             operator {"prefixes": [...]}
+    POST   /v1/purge            operator {"zone": Z} and "url" or "prefix", or neither
+    (admin may do everything an operator may; applying a whole generation
+    over this API is the control plane's next step, issue 6)
+
+A certificate from another CA, or expired, fails the handshake; one without
+an operator role (an agent's, a zone reader's) gets 403. Every request,
+refused or not, is appended to the agent's audit log (control/audit.py):
+who (the certificate's CN), its SHA-256 fingerprint, the action, what was
+asked, and the result. A change is checked whole before it is made: a bad
+prefix changes no link (control/ops.py). Request bodies are bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from ipaddress import ip_address
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from pydantic import Field, field_validator
+
+from agent.config import ConfigError, Frozen, parse_checked, read_yaml_mapping
+from agent.l7.status import purge, read_status
+from agent.metrics.server import TlsFiles, server_context
+from agent.node import Node
+from agent.prefixes import PrefixError
+from control import ops
+from control.audit import AuditError, AuditLog, fingerprint
+from control.pki import ROLES
+from control.status import gather
+from control.tlshttp import TlsHttpServer
+
+API_PORT = 9444
+MAX_BODY = 1 << 20              # a deny request of ~20,000 prefixes; lists go as generations
+RANK = {role: i for i, role in enumerate(ROLES)}   # viewer < operator < admin
+
+
+class ApiConfig(Frozen):
+    """api.yaml:
+
+        listen: 198.18.0.1          # the backbone address: the control plane calls it
+        port: 9444
+        cert: /etc/privedge/pki/agents/dus.crt
+        key: /etc/privedge/pki/agents/dus.key
+        ca: /etc/privedge/pki/ca.crt
+        audit: /var/lib/privedge/audit.jsonl
+    """
+
+    listen: str
+    port: int = Field(default=API_PORT, ge=0, le=65535)   # 0: a free port (tests)
+    cert: Path
+    key: Path
+    ca: Path
+    audit: Path
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return str(ip_address(value))
+
+    @property
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.cert, self.key, self.ca)
+
+
+def load_api_config(path: str | Path) -> ApiConfig:
+    return parse_checked(ApiConfig, read_yaml_mapping(path), str(path), lambda _c: [])
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str          # the certificate's CN
+    role: str | None   # viewer, operator, admin; None: not an operator's certificate
+    certificate: str   # SHA-256 fingerprint
+
+
+def caller_of(der: bytes) -> Caller:
+    cert = x509.load_der_x509_certificate(der)
+    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    role = str(ou[0].value) if ou and str(ou[0].value) in RANK else None
+    return Caller(str(cn[0].value) if cn else "", role, fingerprint(der))
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+
+
+class AgentApi:
+    """`links`: interface -> its node; `status_socket`: the front end's."""
+
+    def __init__(self, dc: str, region: str, links: Mapping[str, Node],
+                 status_socket: str | None, audit: AuditLog) -> None:
+        self.dc, self.region = dc, region
+        self.links, self.status_socket, self.audit = links, status_socket, audit
+        self._lock = threading.Lock()       # one change at a time
+
+    # -- the routes: (method, path) -> (least role, action, handler)
+
+    def route(self, method: str, path: str
+              ) -> tuple[str, str, Callable[[dict], dict]]:
+        routes = {
+            ("GET", "/v1/status"): ("viewer", "status", self.status),
+            ("POST", "/v1/deny"): ("operator", "deny add", self.deny_add),
+            ("DELETE", "/v1/deny"): ("operator", "deny remove", self.deny_remove),
+            ("POST", "/v1/purge"): ("operator", "purge", self.purge),
+        }
+        if (method, path) not in routes:
+            raise ApiError(404, f"no {method} {path} (see agent/api.py)")
+        return routes[method, path]
+
+    def status(self, _body: dict) -> dict:
+        """What `privedge status` shows of each link (control/status.py), and
+        the front end's counters."""
+        links = {ifname: gather(node, interval=0) for ifname, node in self.links.items()}
+        front = read_status(self.status_socket) if self.status_socket else None
+        return {"dc": self.dc, "region": self.region, "links": links, "front": front}
+
+    def _prefixes(self, body: dict) -> list[str]:
+        prefixes = body.get("prefixes")
+        if not isinstance(prefixes, list) or not prefixes \
+                or not all(isinstance(p, str) for p in prefixes):
+            raise ApiError(400, "prefixes: a non-empty list of prefix strings")
+        if not self.links:
+            raise ApiError(409, "this agent protects no link")
+        return prefixes
+
+    def deny_add(self, body: dict) -> dict:
+        prefixes = self._prefixes(body)
+        expires = body.get("expires", 0)
+        if not isinstance(expires, int | float) or expires < 0:
+            raise ApiError(400, "expires: seconds from now, a number >= 0 (0: never)")
+        return self._each_link(lambda node, dry: ops.deny_add(node, prefixes, expires, dry))
+
+    def deny_remove(self, body: dict) -> dict:
+        prefixes = self._prefixes(body)
+        return self._each_link(lambda node, dry: ops.deny_remove(node, prefixes, dry))
+
+    def _each_link(self, change: Callable[[Node, bool], dict]) -> dict:
+        """Check the change on every link first (dry run), then make it:
+        a prefix one link refuses changes no link."""
+        with self._lock:
+            try:
+                for node in self.links.values():
+                    change(node, True)
+                return {ifname: change(node, False) for ifname, node in self.links.items()}
+            except (PrefixError, ops.OpError, ValueError) as e:
+                raise ApiError(400, str(e)) from None
+
+    def purge(self, body: dict) -> dict:
+        zone = body.get("zone")
+        if not isinstance(zone, str) or not zone:
+            raise ApiError(400, "zone: the zone whose cache to purge")
+        if self.status_socket is None:
+            raise ApiError(409, "this agent runs no front end")
+        try:
+            n = purge(self.status_socket, zone, body.get("url"), body.get("prefix"))
+        except ValueError as e:
+            raise ApiError(400, str(e).split(": ", 1)[-1]) from None
+        return {"purged": n}
+
+    # -- one request
+
+    def handle(self, method: str, path: str, caller: Caller, body: dict) -> tuple[int, dict]:
+        status, action, answer = 500, f"{method} {path}", {}
+        try:
+            least, action, handler = self.route(method, path)
+            if caller.role is None or RANK[caller.role] < RANK[least]:
+                raise ApiError(403, f"{action} needs the role {least} or higher; this "
+                                    f"certificate's is {caller.role or 'none'}")
+            answer, status = handler(body), 200
+        except ApiError as e:
+            status, answer = e.status, {"error": str(e)}
+        if action != "status":   # reads are not changes; refused ones are audited too
+            result = {"ok": status == 200, "status": status}
+            if status != 200:
+                result["error"] = answer["error"]
+            try:
+                self.audit.append(caller.name, caller.certificate, action, body,
+                                  {self.dc: result})
+            except AuditError as e:   # say so: a change nobody can see later is worse
+                return 500, {"error": f"not audited ({e}); the change "
+                                      f"{'was' if status == 200 else 'was not'} made",
+                             "result": answer}
+        return status, answer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.do_handshake()  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Requests are audited, not logged."""
+
+    def _serve(self) -> None:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise ApiError(413, f"body over {MAX_BODY} bytes")
+            raw = self.rfile.read(length) if length else b"{}"
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+            der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+            status, answer = self.server.api.handle(self.command, self.path.split("?")[0],
+                                                    caller_of(der), body)
+        except ApiError as e:
+            status, answer = e.status, {"error": str(e)}
+        except ValueError:
+            status, answer = 400, {"error": "the body is not a JSON object"}
+        data = json.dumps(answer, sort_keys=True).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_DELETE = _serve
+
+
+class _Server(TlsHttpServer):
+    api: AgentApi
+
+
+class ApiServer:
+    def __init__(self, api: AgentApi, address: str, port: int, tls: TlsFiles) -> None:
+        self.tls = tls
+        self._httpd = _Server((address, port), _Handler, bind_and_activate=False)
+        self._httpd.api = api
+        try:
+            self._httpd.context = server_context(tls)   # client certificate required
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"api: certificates do not load: {e}") from None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._httpd.server_address[:2]  # type: ignore[return-value]
+
+    def start(self) -> ApiServer:
+        self._httpd.server_bind()
+        self._httpd.server_activate()
+        self._thread = threading.Thread(target=self._httpd.serve_forever,
+                                        name="privedge-api", daemon=True)
+        self._thread.start()
+        return self
+
+    def reload(self) -> None:
+        self._httpd.context = server_context(self.tls)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()
