@@ -113,7 +113,7 @@ class AgentApi:
     # -- the routes: (method, path) -> (least role, action, handler)
 
     def route(self, method: str, path: str
-              ) -> tuple[str, str, Callable[[dict], dict]]:
+              ) -> tuple[str, str, Callable[[dict, bool], dict]]:
         routes = {
             ("GET", "/v1/status"): ("viewer", "status", self.status),
             ("POST", "/v1/deny"): ("operator", "deny add", self.deny_add),
@@ -124,7 +124,7 @@ class AgentApi:
             raise ApiError(404, f"no {method} {path} (see agent/api.py)")
         return routes[method, path]
 
-    def status(self, _body: dict) -> dict:
+    def status(self, _body: dict, _dry: bool = False) -> dict:
         """What `privedge status` shows of each link (control/status.py), and
         the front end's counters."""
         links = {ifname: gather(node, interval=0) for ifname, node in self.links.items()}
@@ -140,34 +140,40 @@ class AgentApi:
             raise ApiError(409, "this agent protects no link")
         return prefixes
 
-    def deny_add(self, body: dict) -> dict:
+    def deny_add(self, body: dict, dry: bool = False) -> dict:
         prefixes = self._prefixes(body)
         expires = body.get("expires", 0)
         if not isinstance(expires, int | float) or expires < 0:
             raise ApiError(400, "expires: seconds from now, a number >= 0 (0: never)")
-        return self._each_link(lambda node, dry: ops.deny_add(node, prefixes, expires, dry))
+        return self._each_link(lambda node, d: ops.deny_add(node, prefixes, expires, d), dry)
 
-    def deny_remove(self, body: dict) -> dict:
+    def deny_remove(self, body: dict, dry: bool = False) -> dict:
         prefixes = self._prefixes(body)
-        return self._each_link(lambda node, dry: ops.deny_remove(node, prefixes, dry))
+        return self._each_link(lambda node, d: ops.deny_remove(node, prefixes, d), dry)
 
-    def _each_link(self, change: Callable[[Node, bool], dict]) -> dict:
-        """Check the change on every link first (dry run), then make it:
-        a prefix one link refuses changes no link."""
+    def _each_link(self, change: Callable[[Node, bool], dict], dry: bool) -> dict:
+        """Check the change on every link first (dry run), then make it
+        unless `dry`: a prefix one link refuses changes no link."""
         with self._lock:
             try:
-                for node in self.links.values():
-                    change(node, True)
+                checked = {ifname: change(node, True) for ifname, node in self.links.items()}
+                if dry:
+                    return checked
                 return {ifname: change(node, False) for ifname, node in self.links.items()}
             except (PrefixError, ops.OpError, ValueError) as e:
                 raise ApiError(400, str(e)) from None
 
-    def purge(self, body: dict) -> dict:
+    def purge(self, body: dict, dry: bool = False) -> dict:
         zone = body.get("zone")
         if not isinstance(zone, str) or not zone:
             raise ApiError(400, "zone: the zone whose cache to purge")
         if self.status_socket is None:
             raise ApiError(409, "this agent runs no front end")
+        if dry:
+            served = read_status(self.status_socket).get("requests", {})
+            if zone not in served:  # type: ignore[operator]
+                raise ApiError(400, f"zone {zone!r} is not served here")
+            return {"would_purge": zone}
         try:
             n = purge(self.status_socket, zone, body.get("url"), body.get("prefix"))
         except ValueError as e:
@@ -176,17 +182,19 @@ class AgentApi:
 
     # -- one request
 
-    def handle(self, method: str, path: str, caller: Caller, body: dict) -> tuple[int, dict]:
+    def handle(self, method: str, path: str, caller: Caller, body: dict,
+               dry: bool = False) -> tuple[int, dict]:
+        """One request; `dry`: check it (?dry_run=1), change nothing, audit nothing."""
         status, action, answer = 500, f"{method} {path}", {}
         try:
             least, action, handler = self.route(method, path)
             if caller.role is None or RANK[caller.role] < RANK[least]:
                 raise ApiError(403, f"{action} needs the role {least} or higher; this "
                                     f"certificate's is {caller.role or 'none'}")
-            answer, status = handler(body), 200
+            answer, status = handler(body, dry), 200
         except ApiError as e:
             status, answer = e.status, {"error": str(e)}
-        if action != "status":   # reads are not changes; refused ones are audited too
+        if action != "status" and not dry:   # changes, refused ones too
             result = {"ok": status == 200, "status": status}
             if status != 200:
                 result["error"] = answer["error"]
@@ -221,8 +229,9 @@ class _Handler(BaseHTTPRequestHandler):
             if not isinstance(body, dict):
                 raise ValueError("not an object")
             der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-            status, answer = self.server.api.handle(self.command, self.path.split("?")[0],
-                                                    caller_of(der), body)
+            path, _, query = self.path.partition("?")
+            status, answer = self.server.api.handle(self.command, path, caller_of(der), body,
+                                                    dry="dry_run=1" in query.split("&"))
         except ApiError as e:
             status, answer = e.status, {"error": str(e)}
         except ValueError:
