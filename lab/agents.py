@@ -12,6 +12,8 @@ and one `serve` config for the L7 side:
                               the other DCs (with the network PKI, control/pki.py)
     <state>/<dc>/logs.yaml    customer logs of every zone and the operations sample,
                               to the core's log store over mTLS (agent/logs)
+    <state>/<dc>/api.yaml     the operators' API on the backbone address (agent/api.py),
+                              its audit log beside the configs
 
 The namespace lab (lab/cluster.py) and the VMs (`python -m lab generate`)
 both call `dc_configs`; only interface names and paths differ.
@@ -171,6 +173,34 @@ def logs_config(topology: Topology, dc: str, netpki: str) -> dict:
     }
 
 
+def api_config(topology: Topology, dc: str, netpki: str, audit: str) -> dict:
+    """The operators' and control plane's API on the DC's backbone address."""
+    pki = Path(netpki)
+    return {"listen": str(topology.dc(dc).link(topology.backbone.name).v4),
+            "cert": str(pki / "agents" / f"{dc}.crt"), "key": str(pki / "agents" / f"{dc}.key"),
+            "ca": str(pki / "ca.crt"), "audit": audit}
+
+
+def network_doc(topology: Topology) -> dict:
+    """The lab's network as a network config (control/network.py): what
+    privedge-net reads to reach every DC."""
+    bb, inet = topology.backbone.name, topology.public.name
+    dcs = {}
+    for d in topology.dcs:
+        pub = d.link(inet)
+        dcs[d.name] = {"region": d.region, "backbone": str(d.link(bb).v4),
+                       "public": [str(a) for a in (pub.v4, pub.v6) if a is not None]}
+    zones = []
+    for z in topology.zones:
+        zone = {"name": z.name, "hostnames": list(z.hostnames),
+                "addresses": [str(a) for a in z.addresses], **copy.deepcopy(dict(z.l7))}
+        if z.region is not None:
+            zone["region"] = z.region
+        zones.append(zone)
+    return {"regions": list(topology.regions), "dcs": dcs, "zones": zones,
+            "deny": {"prefixes": list(topology.deny)}}
+
+
 def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
     """File name -> content: one node config per link, named after the
     namespace lab's interface (inet0.yaml, bb0.yaml), then serve.yaml, and
@@ -182,6 +212,8 @@ def dc_configs(topology: Topology, dc: str, paths: DcPaths) -> dict[str, dict]:
         out["metrics.yaml"] = metrics_config(topology, dc, paths.netpki)
         if any(h.name == "core" for h in topology.hosts):
             out["logs.yaml"] = logs_config(topology, dc, paths.netpki)
+        out["api.yaml"] = api_config(topology, dc, paths.netpki,
+                                     str(Path(paths.run_dir).parent / "audit.jsonl"))
     return out
 
 

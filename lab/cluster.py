@@ -626,7 +626,10 @@ class Lab:
         for f in links:
             argv += ["--config", str(d / f)]
         argv += ["--serve", str(d / "serve.yaml"), "--metrics", str(d / "metrics.yaml")]
-        return [*argv, "--logs", str(d / "logs.yaml")] if (d / "logs.yaml").exists() else argv
+        for flag in ("logs", "api"):
+            if (d / f"{flag}.yaml").exists():
+                argv += [f"--{flag}", str(d / f"{flag}.yaml")]
+        return argv
 
     def _is_agent(self, pid: int, dc: str) -> bool:
         """PID is alive and is the agent of this DC (checked by its command line)."""
@@ -655,7 +658,7 @@ class Lab:
             changes.append(f"lab PKI in {pki}")
         changes += self._origin_up(pki, make_lab_pki)
         netpki, issued = self._network_pki()
-        changes += issued + self._logstore_up(netpki)
+        changes += issued + self._network_file() + self._logstore_up(netpki)
         starting: dict[str, tuple[subprocess.Popen, int]] = {}
         for dc in self.topology.dc_names():
             d = self.dc_dir(dc)
@@ -761,6 +764,19 @@ class Lab:
         issued = pki.run(d, pki.plan_from_topology(self.topology_file, LAB_OPERATORS))
         return d, [f"network PKI: {party.path} ({why})" for party, why in issued]
 
+    @property
+    def network_file(self) -> Path:
+        return self.state_dir / "network.yaml"
+
+    def _network_file(self) -> list[str]:
+        """The lab's network config (control/network.py), validated: what
+        privedge-net reads to reach the DCs' APIs."""
+        from control.network import parse_network
+        from lab.agents import network_doc
+        doc = network_doc(self.topology)
+        parse_network(doc, str(self.network_file))   # ConfigError: the lab's own bug
+        return self._write(self.network_file, yaml.safe_dump(doc, sort_keys=False))
+
     def _logstore_up(self, netpki: Path) -> list[str]:
         """The core log store in the core's namespace (before the agents that
         ship to it)."""
@@ -844,6 +860,14 @@ class Lab:
             (self.state_dir / name).unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.state_dir.rmdir()  # only if nothing else is in it
+
+    def stop_agent(self, dc: str) -> int | None:
+        """Stop a DC's agent (a DC down, say); its programs stay attached.
+        `up` starts it again. Its PID, or None if it was not running."""
+        pid = self.agent_pid(dc)
+        if pid is not None:
+            self._stop_agent(dc, pid)
+        return pid
 
     def _stop_agent(self, dc: str, pid: int) -> None:
         _terminate(pid, lambda: self._is_agent(pid, dc), self._procs.pop(dc, None))

@@ -197,7 +197,8 @@ def iad(topo, tmp_path_factory):
 
 
 def test_dc_gets_two_link_configs_and_a_serve_config(iad) -> None:
-    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml", "metrics.yaml", "logs.yaml"]
+    assert list(iad[1]) == ["inet0.yaml", "bb0.yaml", "serve.yaml", "metrics.yaml", "logs.yaml",
+                            "api.yaml"]
 
 
 def test_metrics_listen_on_the_backbone_and_probe_the_other_dcs(iad) -> None:
@@ -306,7 +307,7 @@ def test_pki_zones(topo) -> None:
 def test_write_configs_writes_only_what_changed(iad, tmp_path) -> None:
     _, cfgs = iad
     assert write_configs(tmp_path, cfgs) == ["inet0.yaml", "bb0.yaml", "serve.yaml",
-                                            "metrics.yaml", "logs.yaml"]
+                                            "metrics.yaml", "logs.yaml", "api.yaml"]
     assert write_configs(tmp_path, cfgs) == []
     assert yaml.safe_load((tmp_path / "serve.yaml").read_text()) == cfgs["serve.yaml"]
 
@@ -379,3 +380,18 @@ def test_a_dc_of_its_own_gets_only_the_keys_it_may_serve() -> None:
     assert set(pki_zones(topo)) == {"www", "shop-eu"}
     assert set(pki_zones(topo, "dus")) == {"www", "shop-eu"}
     assert set(pki_zones(topo, "iad")) == {"www"}
+
+
+def test_the_api_listens_on_the_backbone_and_the_lab_network_is_a_valid_network_config(
+        iad, topo) -> None:
+    from agent.api import ApiConfig
+    from control.network import parse_network
+    from lab.agents import network_doc
+
+    state, cfgs = iad
+    api = ApiConfig.model_validate(cfgs["api.yaml"])
+    assert api.listen == "198.18.0.3" and api.audit == state / "iad" / "audit.jsonl"
+    net = parse_network(network_doc(topo), "lab network")
+    assert {dc: d.backbone for dc, d in net.dcs.items()} == {
+        "dus": "198.18.0.1", "fra": "198.18.0.2", "iad": "198.18.0.3"}
+    assert net.deny.prefixes == ("203.0.113.66/32", "2001:db8:113::66/128")
