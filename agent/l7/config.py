@@ -315,7 +315,7 @@ def zone_problems(zones: Sequence[Zone]) -> list[tuple[str, object, str]]:
 def cross_problems(cfg: ServeConfig) -> list[tuple[str, object, str]]:
     """Checks that span zones and listeners: (path, value, why) for each."""
     problems = zone_problems(cfg.zones)
-    names = [z.name for z in cfg.zones]
+    names = list(dict.fromkeys(z.name for z in cfg.zones))   # in order, once each
     seen: set[str] = set()
     for i, addr in enumerate(cfg.listen):
         if addr in seen:
