@@ -41,7 +41,7 @@ from control import ops
 from control.audit import AuditError, AuditLog, fingerprint
 from control.pki import ROLES
 from control.status import gather
-from control.tlshttp import TlsHttpServer
+from control.tlshttp import TlsHttpServer, TlsService
 
 API_PORT = 9444
 MAX_BODY = 1 << 20              # a deny request of ~20,000 prefixes; lists go as generations
@@ -250,35 +250,12 @@ class _Server(TlsHttpServer):
     api: AgentApi
 
 
-class ApiServer:
+class ApiServer(TlsService):
     def __init__(self, api: AgentApi, address: str, port: int, tls: TlsFiles) -> None:
         self.tls = tls
-        self._httpd = _Server((address, port), _Handler, bind_and_activate=False)
-        self._httpd.api = api
-        try:
-            self._httpd.context = server_context(tls)   # client certificate required
+        httpd = _Server((address, port), _Handler, bind_and_activate=False)
+        httpd.api = api
+        try:   # a client certificate from the network's CA required
+            super().__init__(httpd, lambda: server_context(self.tls), "privedge-api")
         except (OSError, ssl.SSLError) as e:
             raise ConfigError(f"api: certificates do not load: {e}") from None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._httpd.server_address[:2]  # type: ignore[return-value]
-
-    def start(self) -> ApiServer:
-        self._httpd.server_bind()
-        self._httpd.server_activate()
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="privedge-api", daemon=True)
-        self._thread.start()
-        return self
-
-    def reload(self) -> None:
-        self._httpd.context = server_context(self.tls)
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()

@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CLIENT_TIMEOUT = 10.0   # seconds per read or write on a connection
@@ -186,3 +187,44 @@ class TlsHttpServer(ThreadingHTTPServer):
             self.handler_errors += 1
         print(f"{self.log_name}: {what} failed: {failure_summary(e)}", file=sys.stderr,
               flush=True)
+
+
+class TlsService:
+    """A TlsHttpServer on a thread of its own, for the agent's services
+    (/metrics, the API): bind at start, reload the certificates (SIGHUP),
+    stop. `context` makes the TLS context from the current files; it is
+    called at construction, so a bad file fails before anything binds."""
+
+    def __init__(self, httpd: TlsHttpServer, context: Callable[[], ssl.SSLContext],
+                 name: str) -> None:
+        self._httpd, self._make_context, self._name = httpd, context, name
+        try:
+            httpd.context = context()
+        except BaseException:
+            httpd.server_close()   # its socket, made but never bound
+            raise
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._httpd.server_address[:2]  # type: ignore[return-value]
+
+    def start(self) -> TlsService:
+        self._httpd.server_bind()
+        self._httpd.server_activate()
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name=self._name,
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def reload(self) -> None:
+        """The certificate, key and CA again (reissued in place by the PKI);
+        raises, keeping the current context, if they do not load."""
+        self._httpd.context = self._make_context()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._httpd.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._httpd.server_close()

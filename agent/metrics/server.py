@@ -15,14 +15,13 @@ holds the accept loop. Nothing about a scraper is logged.
 from __future__ import annotations
 
 import ssl
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
-from control.tlshttp import TlsHttpServer
+from control.tlshttp import TlsHttpServer, TlsService
 
 
 @dataclass(frozen=True)
@@ -51,35 +50,10 @@ class _Handler(MetricsHandler):
         self.connection.do_handshake()  # type: ignore[attr-defined]
 
 
-class MetricsServer:
+class MetricsServer(TlsService):
     def __init__(self, registry: CollectorRegistry, address: str, port: int,
                  tls: TlsFiles) -> None:
         self.tls = tls
-        self._httpd = TlsHttpServer((address, port), _Handler.factory(registry),
-                              bind_and_activate=False)
-        self._httpd.context = server_context(tls)  # a bad file fails here, before binding
-        self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._httpd.server_address[:2]  # type: ignore[return-value]
-
-    def start(self) -> MetricsServer:
-        self._httpd.server_bind()
-        self._httpd.server_activate()
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        name="privedge-metrics", daemon=True)
-        self._thread.start()
-        return self
-
-    def reload(self) -> None:
-        """Load the certificate, key and CA again (reissued in place by the
-        PKI); raises, keeping the current context, if they do not load."""
-        self._httpd.context = server_context(self.tls)
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join()
-            self._thread = None
-        self._httpd.server_close()
+        super().__init__(TlsHttpServer((address, port), _Handler.factory(registry),
+                                       bind_and_activate=False),
+                         lambda: server_context(self.tls), "privedge-metrics")
