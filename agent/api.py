@@ -5,6 +5,8 @@ certificate from the network's CA required, the role in its OU (control/pki.py).
                                          counters, the front end's counters
     POST   /v1/deny             operator {"prefixes": [...], "expires": SECONDS}
     DELETE /v1/deny             operator {"prefixes": [...]}
+    POST   /v1/allow            operator {"prefixes": [...]}: the allowlist wins over
+    DELETE /v1/allow            operator   every filter drop (bpf/README.md)
     POST   /v1/purge            operator {"zone": Z} and "url" or "prefix", or neither
     (admin may do everything an operator may; applying a whole generation
     over this API is the control plane's next step, issue 6)
@@ -118,6 +120,8 @@ class AgentApi:
             ("GET", "/v1/status"): ("viewer", "status", self.status),
             ("POST", "/v1/deny"): ("operator", "deny add", self.deny_add),
             ("DELETE", "/v1/deny"): ("operator", "deny remove", self.deny_remove),
+            ("POST", "/v1/allow"): ("operator", "allow add", self.allow_add),
+            ("DELETE", "/v1/allow"): ("operator", "allow remove", self.allow_remove),
             ("POST", "/v1/purge"): ("operator", "purge", self.purge),
         }
         if (method, path) not in routes:
@@ -150,6 +154,14 @@ class AgentApi:
     def deny_remove(self, body: dict, dry: bool = False) -> dict:
         prefixes = self._prefixes(body)
         return self._each_link(lambda node, d: ops.deny_remove(node, prefixes, d), dry)
+
+    def allow_add(self, body: dict, dry: bool = False) -> dict:
+        prefixes = self._prefixes(body)
+        return self._each_link(lambda node, d: ops.allow_change(node, prefixes, [], d), dry)
+
+    def allow_remove(self, body: dict, dry: bool = False) -> dict:
+        prefixes = self._prefixes(body)
+        return self._each_link(lambda node, d: ops.allow_change(node, [], prefixes, d), dry)
 
     def _each_link(self, change: Callable[[Node, bool], dict], dry: bool) -> dict:
         """Check the change on every link first (dry run), then make it

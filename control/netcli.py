@@ -7,6 +7,7 @@ Nouns read, verbs write:
   privedge-net status                         per DC: generation, health, counters
   privedge-net deny add PREFIX... [--expires 2h]
   privedge-net deny remove PREFIX...
+  privedge-net allow add PREFIX... | allow remove PREFIX...
   privedge-net purge ZONE [--url URL | --prefix URL]
 
 The network file (--network, default ./network.yaml) says where each DC's
@@ -72,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     dr = deny.add_parser("remove", help="remove prefixes on every DC")
     dr.add_argument("prefixes", nargs="+")
     dr.add_argument("--dry-run", action="store_true")
+    allow = sub.add_parser("allow", help="the allowlist on every DC").add_subparsers(
+        dest="verb", required=True)
+    for verb in ("add", "remove"):
+        av = allow.add_parser(verb, help=f"{verb} prefixes on every DC")
+        av.add_argument("prefixes", nargs="+")
+        av.add_argument("--dry-run", action="store_true")
     pu = sub.add_parser("purge", help="purge a zone's cache on every DC")
     pu.add_argument("zone")
     what = pu.add_mutually_exclusive_group()
@@ -155,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                 body["expires"] = args.expires
             return _change(args, fleet, "POST", "/v1/deny", body, "deny add")
         return _change(args, fleet, "DELETE", "/v1/deny", body, "deny remove")
+    if args.cmd == "allow":
+        return _change(args, fleet, "POST" if args.verb == "add" else "DELETE", "/v1/allow",
+                       {"prefixes": args.prefixes}, f"allow {args.verb}")
     body = {"zone": args.zone, **({"url": args.url} if args.url else {}),
             **({"prefix": args.prefix} if args.prefix else {})}
     return _change(args, fleet, "POST", "/v1/purge", body, "purge")

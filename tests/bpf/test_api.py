@@ -33,6 +33,7 @@ def served(edge, tmp_path: Path):
                        ).start()
     yield server, net, log
     server.stop()
+    edge.apply(edge.base_rules())     # the shared node as the next test expects it
 
 
 def test_an_operator_denies_and_undenies_a_prefix_on_the_link(edge, served) -> None:
@@ -63,4 +64,29 @@ def test_a_bad_prefix_or_a_viewer_changes_nothing(edge, served) -> None:
     assert edge.run(v4("192.0.2.77")).verdict == XDP_PASS
     status, answer = call(server, net, "operators/alice", "GET", "/v1/status")
     assert status == 200 and answer["links"]["tr0"]["deny"]["adhoc"] == 0
+    assert audit.verify(log).ok
+
+
+def test_an_allowed_prefix_wins_over_a_deny_and_its_removal_restores_the_drop(edge,
+                                                                              served) -> None:
+    server, net, log = served
+    src = "192.0.2.77"
+    assert call(server, net, "operators/bob", "POST", "/v1/deny",
+                {"prefixes": ["192.0.2.0/24"]})[0] == 200
+    assert edge.run(v4(src)).verdict == XDP_DROP
+    assert call(server, net, "operators/bob", "POST", "/v1/allow?dry_run=1",
+                {"prefixes": ["192.0.2.77/32"]})[0] == 200
+    assert edge.run(v4(src)).verdict == XDP_DROP          # a dry run changes nothing
+    assert call(server, net, "operators/bob", "POST", "/v1/allow",
+                {"prefixes": ["192.0.2.77/32"]})[0] == 200
+    assert edge.run(v4(src)).verdict == XDP_PASS
+    assert edge.run(v4("192.0.2.78")).verdict == XDP_DROP  # only the allowed /32
+    status, answer = call(server, net, "operators/bob", "DELETE", "/v1/allow",
+                          {"prefixes": ["198.51.100.0/24"]})
+    assert status == 400 and "not on the allowlist" in answer["error"]
+    assert call(server, net, "operators/bob", "DELETE", "/v1/allow",
+                {"prefixes": ["192.0.2.77/32"]})[0] == 200
+    assert edge.run(v4(src)).verdict == XDP_DROP
+    actions = [json.loads(line)["action"] for line in log.read_text().splitlines()]
+    assert actions == ["deny add", "allow add", "allow remove", "allow remove"]
     assert audit.verify(log).ok

@@ -103,3 +103,5 @@ def test_dry_runs_and_refusals(fleet, tmp_path: Path, capsys) -> None:
     assert "needs the role operator" in capsys.readouterr().out
     assert main([*argv, "--operator", "bob", "deny", "add", "192.0.2.0/24"]) == 1
     assert "this agent protects no link" in capsys.readouterr().out
+    assert main([*argv, "--operator", "bob", "allow", "add", "192.0.2.1/32", "--dry-run"]) == 1
+    assert "this agent protects no link" in capsys.readouterr().out
