@@ -212,15 +212,6 @@ class Agent:
         address, port = self.api.address
         phase("api", f"operators' API over mTLS on [{address}]:{port}; audit {c.audit}")
 
-    def reload_logs(self) -> None:
-        """SIGHUP: the certificates again (the PKI reissued them in place)."""
-        if self.logs is None:
-            return
-        try:
-            self.logs.reload()
-        except (OSError, ssl.SSLError) as e:
-            phase("reload", f"log certificates refused, the old ones stay: {e}")
-
     def start_metrics(self) -> None:
         """/metrics over mTLS: the started links' XDP counters and the front
         end's, read at scrape time."""
@@ -236,14 +227,17 @@ class Agent:
         phase("metrics", f"/metrics over mTLS on [{address}]:{port}"
                          + (f"; RTT probes of {', '.join(rtt.peers)}" if rtt else ""))
 
-    def reload_metrics(self) -> None:
-        """SIGHUP: the certificates again (the PKI reissued them in place)."""
-        if self.metrics is None:
-            return
-        try:
-            self.metrics.reload()
-        except (OSError, ssl.SSLError) as e:
-            phase("reload", f"metrics certificates refused, the old ones stay: {e}")
+    def reload_certificates(self) -> None:
+        """SIGHUP: each mTLS service loads its certificates again (the PKI
+        reissued them in place); one that cannot keeps its old ones."""
+        for name, service in (("metrics", self.metrics), ("log", self.logs),
+                              ("API", self.api)):
+            if service is None:
+                continue
+            try:
+                service.reload()
+            except (OSError, ssl.SSLError) as e:
+                phase("reload", f"{name} certificates refused, the old ones stay: {e}")
 
     def reload_links(self) -> None:
         """SIGHUP for the links: every config is read and checked first (the
@@ -319,13 +313,7 @@ class Agent:
                 self.reload.clear()
                 self.reload_links()
                 self.reload_front()
-                self.reload_metrics()
-                self.reload_logs()
-                if self.api is not None:
-                    try:
-                        self.api.reload()
-                    except (OSError, ssl.SSLError) as e:
-                        phase("reload", f"API certificates refused, the old ones stay: {e}")
+                self.reload_certificates()
             for link in self.links:
                 link.sweep()
             if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:

@@ -86,7 +86,7 @@ def test_sighup_serves_reissued_certificates_and_follows_a_new_front_end(agent) 
     _, first = _scrape(a, net)
     pki.run(net, parties, rotate=True)
     a.reload_front()   # what SIGHUP does, in its order
-    a.reload_metrics()
+    a.reload_certificates()
     text, second = _scrape(a, net)
     assert second != first
     assert 'privedge_l7_requests_total{zone="www"}' in text
@@ -95,7 +95,7 @@ def test_sighup_serves_reissued_certificates_and_follows_a_new_front_end(agent) 
 def test_unloadable_certificates_keep_the_old_ones(agent, capsys) -> None:
     a, _, net, _ = agent
     (net / "agents" / "dus.key").write_text("not a key\n")
-    a.reload_metrics()
+    a.reload_certificates()
     assert "metrics certificates refused, the old ones stay" in capsys.readouterr().out
     assert "privedge_l7" in _scrape(a, net)[0]
 
