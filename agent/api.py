@@ -8,8 +8,11 @@ certificate from the network's CA required, the role in its OU (control/pki.py).
     POST   /v1/allow            operator {"prefixes": [...]}: the allowlist wins over
     DELETE /v1/allow            operator   every filter drop (bpf/README.md)
     POST   /v1/purge            operator {"zone": Z} and "url" or "prefix", or neither
-    (admin may do everything an operator may; applying a whole generation
-    over this API is the control plane's next step, issue 6)
+    GET    /v1/generation       viewer   the network generation applied here
+    POST   /v1/generation       admin    apply one (control/genpack.py's payload):
+                                         checked whole, then every link's BPF
+                                         generation and the front end's zones swap,
+                                         rolled back if a step fails (agent/daemon.py)
 
 A certificate from another CA, or expired, fails the handshake; one without
 an operator role (an agent's, a zone reader's) gets 403. Every request,
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from ipaddress import ip_address
 from pathlib import Path
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
@@ -47,7 +51,21 @@ from control.tlshttp import TlsHttpServer, TlsService
 
 API_PORT = 9444
 MAX_BODY = 1 << 20              # a deny request of ~20,000 prefixes; lists go as generations
+MAX_GENERATION_BODY = 256 << 20   # an admin's generation: lists of millions of prefixes
 RANK = {role: i for i, role in enumerate(ROLES)}   # viewer < operator < admin
+
+
+class ControlPlane(Frozen):
+    """Where the control plane serves its current generation (control/genserver.py)."""
+
+    address: str
+    port: int = Field(default=9445, ge=1, le=65535)
+    name: str = Field(default="core.privedge.internal", min_length=1)  # its certificate's
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return str(ip_address(value))
 
 
 class ApiConfig(Frozen):
@@ -59,6 +77,9 @@ class ApiConfig(Frozen):
         key: /etc/privedge/pki/agents/dus.key
         ca: /etc/privedge/pki/ca.crt
         audit: /var/lib/privedge/audit.jsonl
+        generations: /var/lib/privedge/generations   # default: beside the audit log
+        control: {address: 198.18.0.254, port: 9445, name: core.privedge.internal}
+                                    # where to pull the current generation at start
     """
 
     listen: str
@@ -67,6 +88,12 @@ class ApiConfig(Frozen):
     key: Path
     ca: Path
     audit: Path
+    generations: Path | None = None     # the network generations applied here (agent/netgen.py)
+    control: ControlPlane | None = None     # None: no pull at start
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.generations or self.audit.parent / "generations"
 
     @field_validator("listen")
     @classmethod
@@ -103,13 +130,24 @@ class ApiError(Exception):
         self.status = status
 
 
+class Generations(Protocol):
+    """Who applies network generations (agent/daemon.py's Agent)."""
+
+    def apply_network(self, payload: object, dry: bool = False) -> dict: ...
+
+    def network_info(self) -> dict: ...
+
+
 class AgentApi:
-    """`links`: interface -> its node; `status_socket`: the front end's."""
+    """`links`: interface -> its node; `status_socket`: the front end's;
+    `generations`: None when this agent takes no network generations."""
 
     def __init__(self, dc: str, region: str, links: Mapping[str, Node],
-                 status_socket: str | None, audit: AuditLog) -> None:
+                 status_socket: str | None, audit: AuditLog,
+                 generations: Generations | None = None) -> None:
         self.dc, self.region = dc, region
         self.links, self.status_socket, self.audit = links, status_socket, audit
+        self.generations = generations
         self._lock = threading.Lock()       # one change at a time
 
     # -- the routes: (method, path) -> (least role, action, handler)
@@ -123,6 +161,8 @@ class AgentApi:
             ("POST", "/v1/allow"): ("operator", "allow add", self.allow_add),
             ("DELETE", "/v1/allow"): ("operator", "allow remove", self.allow_remove),
             ("POST", "/v1/purge"): ("operator", "purge", self.purge),
+            ("GET", "/v1/generation"): ("viewer", "status", self.generation),
+            ("POST", "/v1/generation"): ("admin", "apply generation", self.apply_generation),
         }
         if (method, path) not in routes:
             raise ApiError(404, f"no {method} {path} (see agent/api.py)")
@@ -133,7 +173,18 @@ class AgentApi:
         the front end's counters."""
         links = {ifname: gather(node, interval=0) for ifname, node in self.links.items()}
         front = read_status(self.status_socket) if self.status_socket else None
-        return {"dc": self.dc, "region": self.region, "links": links, "front": front}
+        return {"dc": self.dc, "region": self.region, "links": links, "front": front,
+                "network": self.generations.network_info() if self.generations else None}
+
+    def generation(self, _body: dict, _dry: bool = False) -> dict:
+        if self.generations is None:
+            raise ApiError(409, "this agent takes no network generations")
+        return {"dc": self.dc, **self.generations.network_info()}
+
+    def apply_generation(self, body: dict, dry: bool = False) -> dict:
+        if self.generations is None:
+            raise ApiError(409, "this agent takes no network generations")
+        return {"dc": self.dc, **self.generations.apply_network(body, dry)}
 
     def _prefixes(self, body: dict) -> list[str]:
         prefixes = body.get("prefixes")
@@ -206,12 +257,18 @@ class AgentApi:
             answer, status = handler(body, dry), 200
         except ApiError as e:
             status, answer = e.status, {"error": str(e)}
+        except Exception as e:   # a bug: still answered, and the change still audited
+            status, answer = 500, {"error": f"internal error ({type(e).__name__})"}
         if action != "status" and not dry:   # changes, refused ones too
             result = {"ok": status == 200, "status": status}
             if status != 200:
                 result["error"] = answer["error"]
+            # A generation is audited by number and hash (its diff is in the
+            # control plane's audit log), not by its lists.
+            asked = ({k: body.get(k) for k in ("number", "sha256")}
+                     if action == "apply generation" else body)
             try:
-                self.audit.append(caller.name, caller.certificate, action, body,
+                self.audit.append(caller.name, caller.certificate, action, asked,
                                   {self.dc: result})
             except AuditError as e:   # say so: a change nobody can see later is worse
                 return 500, {"error": f"not audited ({e}); the change "
@@ -233,16 +290,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         try:
+            der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+            caller = caller_of(der)
+            path, _, query = self.path.partition("?")
+            # Only an admin's generation may be large; the rest is small.
+            limit = (MAX_GENERATION_BODY if path == "/v1/generation" and caller.role == "admin"
+                     else MAX_BODY)
             length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                raise ApiError(413, f"body over {MAX_BODY} bytes")
+            if length > limit:
+                raise ApiError(413, f"body over {limit} bytes")
             raw = self.rfile.read(length) if length else b"{}"
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("not an object")
-            der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-            path, _, query = self.path.partition("?")
-            status, answer = self.server.api.handle(self.command, path, caller_of(der), body,
+            status, answer = self.server.api.handle(self.command, path, caller, body,
                                                     dry="dry_run=1" in query.split("&"))
         except ApiError as e:
             status, answer = e.status, {"error": str(e)}

@@ -29,13 +29,13 @@ import time
 from pyroute2 import NetlinkError
 
 from agent import catalog, loader, neighbours
-from agent.api import AgentApi, ApiConfig, ApiServer, load_api_config
-from agent.apply import apply_generation, expire_entries
+from agent.api import AgentApi, ApiConfig, ApiError, ApiServer, load_api_config
+from agent.apply import apply_generation, check_fixed_sizes, expire_entries
 from agent.bcc_build import BuildError
 from agent.compile import CapacityError, compile_rules
 from agent.config import ConfigError, NodeConfig, Steering, load_config
 from agent.l7.cache import Cache, CacheDirError
-from agent.l7.config import load_serve_config
+from agent.l7.config import ServeConfig, load_serve_config
 from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
 from agent.logs.config import LogsConfig, load_logs_config
@@ -46,11 +46,13 @@ from agent.metrics.config import MetricsConfig, load_metrics_config
 from agent.metrics.l7 import L7Collector
 from agent.metrics.service import MetricsService
 from agent.metrics.xdp import XdpCollector
+from agent.netgen import Identity, NetworkState, Rendered, Staged, render
 from agent.node import NodeError
 from agent.prefixes import PrefixError
-from agent.rules import ruleset_from_config
+from agent.rules import NetworkShare, RuleSet, ruleset_from_config
 from agent.xdp_link import LinkError
 from control.audit import AuditError, AuditLog
+from control.genserver import fetch_current
 
 SWEEP_SECONDS = 1.0
 NEIGHBOUR_SECONDS = 5.0
@@ -81,8 +83,8 @@ class Link:
         self._seen_mtime = 0
         self._next_expiry: float | None = None
 
-    def start(self) -> None:
-        started = loader.start(self.cfg, phase)
+    def start(self, network: NetworkShare | None) -> None:
+        started = loader.start(self.cfg, phase, network)
         self.node = started.node
         phase("link", f"{self.cfg.interface} protected, generation {started.generation}, "
                       f"edge program {started.edge_tag}")
@@ -93,11 +95,12 @@ class Link:
             raise ConfigError(f"{self.config_path}: interface, netns, bpffs and run_dir cannot "
                               "change on reload; restart the agent")
 
-    def apply(self, cfg: NodeConfig, backbone: int | None) -> None:
+    def apply(self, cfg: NodeConfig, backbone: int | None, network: NetworkShare | None) -> None:
         """Apply a checked config as one generation (backbone: fresh ifindex)."""
         try:
             with self.node.lock():
-                rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir), backbone)
+                rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir), backbone,
+                                            network)
                 report = apply_generation(self.node, rules)
             self.cfg = cfg
             phase("reload", f"{cfg.interface}: generation {report['generation']} live in "
@@ -146,7 +149,10 @@ class Agent:
         if len({link.cfg.netns for link in self.links}) > 1:
             raise ConfigError("all --config files of one agent must name the same netns")
         self.serve_path = serve_path
-        self.serve_cfg = load_serve_config(serve_path) if serve_path else None
+        # serve.yaml as written, and what the front end serves: its zones
+        # come from the network generation once there is one.
+        self.serve_local = load_serve_config(serve_path) if serve_path else None
+        self.serve_cfg = self.serve_local
         self.front: ServerThread | None = None
         self.cache: Cache | None = None   # the front end's, kept across reloads
         self.steering = same_steering([link.cfg for link in self.links], config_paths)
@@ -157,6 +163,10 @@ class Agent:
         self.logs: LogService | None = None
         self.api_cfg: ApiConfig | None = load_api_config(api_path) if api_path else None
         self.api: ApiServer | None = None
+        self.network = NetworkState(self.api_cfg.generations_dir) if self.api_cfg else None
+        self.staged: Staged | None = None         # the network generation enforced,
+        self.rendered: Rendered | None = None     # and this DC's share of it
+        self.changing = threading.Lock()          # one apply or reload at a time
         self.stop = threading.Event()
         self.reload = threading.Event()
 
@@ -204,7 +214,7 @@ class Agent:
         except AuditError as e:
             raise ConfigError(f"api: audit log {e}") from None
         api = AgentApi(dc, region, {link.cfg.interface: link.node for link in self.links},
-                       serve.status_socket if serve else None, log)
+                       serve.status_socket if serve else None, log, self)
         try:
             self.api = ApiServer(api, c.listen, c.port, c.tls).start()
         except OSError as e:
@@ -242,46 +252,247 @@ class Agent:
     def reload_links(self) -> None:
         """SIGHUP for the links: every config is read and checked first (the
         links must still steer alike, the backbone link is prepared again and
-        its ifindex looked up afresh), then each applies a generation."""
-        try:
-            cfgs = [load_config(link.config_path) for link in self.links]
+        its ifindex looked up afresh), then each applies a generation with
+        the network generation's share over it."""
+        with self.changing:
+            try:
+                cfgs = [load_config(link.config_path) for link in self.links]
+                for link, cfg in zip(self.links, cfgs, strict=True):
+                    link.check_reload(cfg)
+                steering = same_steering(cfgs, [link.config_path for link in self.links])
+                backbone = (loader.prepare_backbone(steering.backbone_interface, phase)
+                            if steering else None)
+            except FAILURES as e:
+                phase("reload", f"refused, nothing changed: {e}")
+                return
+            share = self.rendered.share if self.rendered else None
             for link, cfg in zip(self.links, cfgs, strict=True):
-                link.check_reload(cfg)
-            steering = same_steering(cfgs, [link.config_path for link in self.links])
-            backbone = (loader.prepare_backbone(steering.backbone_interface, phase)
-                        if steering else None)
-        except FAILURES as e:
-            phase("reload", f"refused, nothing changed: {e}")
-            return
-        for link, cfg in zip(self.links, cfgs, strict=True):
-            link.apply(cfg, backbone)
-        self.steering = steering
+                link.apply(cfg, backbone, share)
+            self.steering = steering
 
-    def reload_front(self) -> None:
-        """SIGHUP for the front end. The new config and its certificates are
-        loaded before the old listeners close; if the new one cannot bind,
-        the old config is served again."""
-        if self.serve_path is None:
-            return
-        try:
-            cfg = load_serve_config(self.serve_path)
-            L7Server(cfg)  # loads every certificate: a bad one refuses the reload here
-            if self.logs is not None:
-                self.logs.submitters(cfg)  # a zone now regional must log in its region
-        except FAILURES as e:
-            phase("reload", f"front end config refused, still serving the old one: {e}")
-            return
+    def check_front(self, cfg: ServeConfig) -> None:
+        """Raise unless `cfg` could be served: every certificate loads, and
+        each zone's logs may go where logs.yaml sends them."""
+        L7Server(cfg)
+        if self.logs is not None:
+            self.logs.submitters(cfg)  # a zone now regional must log in its region
+
+    def swap_front(self, cfg: ServeConfig) -> None:
+        """Serve a checked `cfg` instead of the current one. The listeners
+        close and reopen (the port is ours again); if the new config cannot
+        start, the old one is served again and the error raised."""
         old_cfg = self.serve_cfg
         if self.front:
-            self.front.stop()  # the port is ours again
+            self.front.stop()
             self.front = None
         try:
             self.serve_cfg = cfg
             self.start_front()
-        except FAILURES as e:
-            phase("reload", f"front end could not start ({e}); serving the old config again")
+        except FAILURES:
             self.serve_cfg = old_cfg
             self.start_front()
+            raise
+
+    def reload_front(self) -> None:
+        """SIGHUP for the front end: serve.yaml is read again (with the
+        network generation's zones over it, once there is one) and checked
+        before the old listeners close; if the new one cannot bind, the old
+        config is served again."""
+        if self.serve_path is None:
+            return
+        with self.changing:
+            try:
+                local = load_serve_config(self.serve_path)
+                cfg = (render(self.staged, self.identity(local), local).serve
+                       if self.staged else local)
+                assert cfg is not None
+                self.check_front(cfg)
+            except FAILURES as e:
+                phase("reload", f"front end config refused, still serving the old one: {e}")
+                return
+            self.serve_local = local
+            try:
+                self.swap_front(cfg)
+            except FAILURES as e:
+                phase("reload", f"front end could not start ({e}); serving the old config again")
+
+    # -- the network generation (control plane) ----------------------------------------
+
+    def identity(self, serve: ServeConfig | None = None) -> Identity:
+        """Which DC this agent is, from its serve config and steering (they
+        must agree): a generation must describe the same DC."""
+        serve = serve or self.serve_local
+        st = self.steering
+        if serve is not None:
+            if st is not None and (serve.dc, serve.region) != (st.dc, st.region):
+                raise ConfigError(f"the serve config says {serve.dc} in {serve.region}, the "
+                                  f"links' steering {st.dc} in {st.region}")
+            dc, region = serve.dc, serve.region
+        elif st is not None:
+            dc, region = st.dc, st.region
+        else:
+            raise ConfigError("a network generation needs --serve or a steering section "
+                              "to say which DC this agent is")
+        return Identity(dc, region, st.backbone_address if st else None)
+
+    def load_stored_network(self) -> None:
+        """Before anything starts: the generation last applied here, which the
+        links and the front end then start with. One that no longer fits
+        this agent stops the start (never an empty rule set instead)."""
+        if self.network is None:
+            return
+        staged = self.network.current()
+        if staged is None:
+            phase("network", f"no network generation in {self.network.directory} yet: "
+                             "the configs' own lists and zones")
+            return
+        self.rendered = render(staged, self.identity(), self.serve_local)
+        self.staged = staged
+        if self.rendered.serve is not None:
+            self.serve_cfg = self.rendered.serve
+        phase("network", f"generation {staged.number} ({staged.generation.sha256[:12]}) "
+                         f"from {staged.directory}")
+
+    def pull_network(self) -> None:
+        """At start, after the stored generation: the control plane's current
+        one, if newer. It is checked whole (rendered, every link's rules
+        compiled) before it is kept; one that does not fit, or a control
+        plane that does not answer, leaves the stored generation in force."""
+        control = self.api_cfg.control if self.api_cfg else None
+        if control is None or self.network is None:
+            return
+        have = self.rendered.number if self.rendered else 0
+        try:
+            payload = fetch_current(control.address, control.port, control.name,
+                                    self.api_cfg.tls)  # type: ignore[union-attr]
+        except (OSError, ssl.SSLError, ValueError) as e:
+            phase("network", f"control plane {control.address}:{control.port} did not answer "
+                             f"({e}); starting with generation {have or 'none'}")
+            return
+        number = payload.get("number") if isinstance(payload, dict) else None
+        if not isinstance(number, int) or number <= have:
+            phase("network", f"the control plane is at generation {number or 'none'}; "
+                             f"this DC at {have or 'none'}")
+            return
+        try:
+            staged = self.network.stage(payload)
+        except FAILURES as e:
+            phase("network", f"pulled generation {number} refused: {e}")
+            return
+        try:
+            rendered = render(staged, self.identity(), self.serve_local)
+            for link in self.links:
+                compile_rules(ruleset_from_config(link.cfg, None, None, rendered.share), 0)
+            if rendered.serve is not None:
+                L7Server(rendered.serve)
+        except FAILURES as e:
+            self.network.discard(staged)
+            phase("network", f"pulled generation {number} refused, keeping "
+                             f"{have or 'the configs'}: {e}")
+            return
+        self.staged, self.rendered = self.network.commit(staged), rendered
+        if rendered.serve is not None:
+            self.serve_cfg = rendered.serve
+        phase("network", f"generation {number} pulled from the control plane")
+
+    def network_info(self) -> dict:
+        r = self.rendered
+        if r is None:
+            return {"generation": 0}
+        return {"generation": r.number, "sha256": r.sha256, "left_out": list(r.left_out),
+                "zones": [z.name for z in r.serve.zones] if r.serve else []}
+
+    def apply_network(self, payload: object, dry: bool = False) -> dict:
+        """Apply a generation from the control plane, atomically on this DC.
+
+        All is checked before anything changes: the payload unpacked and
+        validated, this DC's share rendered, every link's rules compiled
+        against its capacity, every certificate of the new zones loaded.
+        Then each link swaps to a new BPF generation, then the front end to
+        the new zones; if a later step fails, the links already swapped go
+        back to their rules before. Raises ApiError (422: refused, nothing
+        changed; 409: stale; 500: failed and rolled back)."""
+        if self.network is None:
+            raise ApiError(409, "this agent keeps no network generations (api.yaml)")
+        t0 = time.perf_counter()
+        with self.changing:
+            current = self.rendered
+            number = payload.get("number") if isinstance(payload, dict) else None
+            if current is not None and isinstance(number, int):
+                if number < current.number:
+                    raise ApiError(409, f"stale: generation {number} is older than this "
+                                        f"DC's {current.number}")
+                if number == current.number:
+                    if payload.get("sha256") != current.sha256:  # type: ignore[union-attr]
+                        raise ApiError(409, f"generation {number} is applied here with other "
+                                            f"content (sha256 {current.sha256[:12]})")
+                    return {"generation": number, "changed": False,
+                            "seconds": round(time.perf_counter() - t0, 4)}
+            try:
+                staged = self.network.stage(payload)
+            except FAILURES as e:
+                raise ApiError(422, f"refused, nothing changed: {e}") from None
+            try:
+                return self._apply_staged(staged, dry, t0)
+            finally:
+                if self.staged is None or self.staged.generation is not staged.generation:
+                    self.network.discard(staged)
+
+    def _apply_staged(self, staged: Staged, dry: bool, t0: float) -> dict:
+        try:
+            rendered = render(staged, self.identity(), self.serve_local)
+            for link in self.links:   # every link's new rules fit, before any changes
+                with link.node.lock():
+                    rules = ruleset_from_config(link.cfg, catalog.load(link.node.run_dir),
+                                                None, rendered.share)
+                check_fixed_sizes(link.node, rules)
+                compile_rules(rules, 0)
+            front = rendered.serve if rendered.serve != self.serve_cfg else None
+            if front is not None:
+                self.check_front(front)
+        except FAILURES as e:
+            raise ApiError(422, f"refused, nothing changed: {e}") from None
+        report: dict = {"generation": staged.number, "dry_run": dry,
+                        "front": "unchanged" if front is None else "new zones",
+                        "left_out": list(rendered.left_out)}
+        if dry:
+            return {**report, "seconds": round(time.perf_counter() - t0, 4)}
+        before: list[tuple[Link, RuleSet | None]] = []
+        try:
+            for link in self.links:
+                with link.node.lock():
+                    old = catalog.load(link.node.run_dir)
+                    rules = ruleset_from_config(link.cfg, old, None, rendered.share)
+                    applied = apply_generation(link.node, rules)
+                before.append((link, old))
+                report[link.cfg.interface] = {"bpf_generation": applied["generation"],
+                                              "seconds": applied["total_s"]}
+            if front is not None:
+                self.swap_front(front)
+        except FAILURES as e:
+            self._restore(before)
+            raise ApiError(500, f"failed, rolled back to generation "
+                                f"{self.rendered.number if self.rendered else 0}: {e}") from None
+        self.staged = self.network.commit(staged)   # type: ignore[union-attr]
+        self.rendered = rendered
+        phase("network", f"generation {staged.number} applied in "
+                         f"{time.perf_counter() - t0:.3f}s")
+        return {**report, "seconds": round(time.perf_counter() - t0, 4)}
+
+    def _restore(self, before: list[tuple[Link, RuleSet | None]]) -> None:
+        """Put links back on the rules they had; a link that cannot be put
+        back is named (the DC is then half-applied, and says so)."""
+        stuck = []
+        for link, old in reversed(before):
+            if old is None:
+                continue
+            try:
+                with link.node.lock():
+                    apply_generation(link.node, old)
+            except FAILURES as e:
+                stuck.append(f"{link.cfg.interface}: {e}")
+        if stuck:
+            raise ApiError(500, "HALF-APPLIED: could not roll back " + "; ".join(stuck))
 
     def warm_neighbours(self) -> None:
         if self.steering is None:
@@ -298,8 +509,11 @@ class Agent:
         signal.signal(signal.SIGTERM, lambda *_: self.stop.set())
         signal.signal(signal.SIGINT, lambda *_: self.stop.set())
         signal.signal(signal.SIGHUP, lambda *_: self.reload.set())
+        self.load_stored_network()
+        self.pull_network()
+        share = self.rendered.share if self.rendered else None
         for link in self.links:
-            link.start()
+            link.start(share)
         self.warm_neighbours()
         self.start_logs()
         self.start_front()

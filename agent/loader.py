@@ -25,7 +25,7 @@ from agent.backbone import check_mtu, prepare_backbone, release_backbone
 from agent.bcc_build import load, pin_program
 from agent.config import Capacity, NodeConfig
 from agent.node import PROG_EDGE, PROG_ROOT, Node, NodeError, ensure_bpffs
-from agent.rules import ruleset_from_config
+from agent.rules import NetworkShare, ruleset_from_config
 
 Phase = Callable[[str, str], None]
 
@@ -105,8 +105,10 @@ def upgrade_edge(node: Node, cap: Capacity, phase: Phase = _quiet,
     return edge.tag
 
 
-def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
-    """Protect cfg.interface; idempotent. The caller may close the node."""
+def start(cfg: NodeConfig, phase: Phase = _quiet,
+          network: NetworkShare | None = None) -> Started:
+    """Protect cfg.interface; idempotent. The caller may close the node.
+    `network`: the network generation's share, applied over the config's."""
     phase("netns", cfg.netns or "(current)")
     enter_netns(cfg.netns)
     phase("interface", cfg.interface)
@@ -124,9 +126,10 @@ def start(cfg: NodeConfig, phase: Phase = _quiet) -> Started:
     with node.lock():
         created = ensure_state(node, cfg.capacity, phase)
         tag = upgrade_edge(node, cfg.capacity, phase)
-        phase("rules", "applying the config as a new generation")
+        phase("rules", "applying the config as a new generation"
+                       + (" with the network's lists, rules and steering" if network else ""))
         keep = catalog.load(node.run_dir)
-        report = apply_generation(node, ruleset_from_config(cfg, keep, backbone))
+        report = apply_generation(node, ruleset_from_config(cfg, keep, backbone, network))
         phase("rules", f"generation {report['generation']} live in {report['total_s']}s")
         attach_root(node, phase)
     return Started(node, created, tag, int(report["generation"]))

@@ -60,15 +60,23 @@ class Fleet:
                      timeout: float = TIMEOUT) -> Fleet:
         return cls({name: dc.backbone for name, dc in net.dcs.items()}, tls, port, timeout)
 
+    def only(self, names: set[str]) -> Fleet:
+        """The same fleet, reduced to the DCs named."""
+        fleet = object.__new__(Fleet)
+        fleet.dcs = {dc: a for dc, a in self.dcs.items() if dc in names}
+        fleet.port, fleet.timeout, fleet._context = self.port, self.timeout, self._context
+        return fleet
+
     def call(self, method: str, path: str, body: dict | None = None) -> dict[str, Result]:
         """The same request to every DC, in parallel; DC -> its result."""
+        data = json.dumps(body).encode() if body is not None else None   # once, for all
         with ThreadPoolExecutor(max_workers=max(1, min(32, len(self.dcs)))) as pool:
-            futures = {dc: pool.submit(self._one, dc, address, method, path, body)
+            futures = {dc: pool.submit(self._one, dc, address, method, path, data)
                        for dc, address in self.dcs.items()}
             return {dc: f.result() for dc, f in futures.items()}
 
     def _one(self, dc: str, address: str, method: str, path: str,
-             body: dict | None) -> Result:
+             data: bytes | None) -> Result:
         start = time.monotonic()
         name = f"{dc}.dc.{DOMAIN}"
         conn = http.client.HTTPSConnection(name, self.port, timeout=self.timeout,
@@ -76,7 +84,6 @@ class Fleet:
         try:
             raw = socket.create_connection((address, self.port), self.timeout)
             conn.sock = self._context.wrap_socket(raw, server_hostname=name)
-            data = json.dumps(body).encode() if body is not None else None
             conn.request(method, path, body=data,
                          headers={"Content-Type": "application/json"} if data else {})
             r = conn.getresponse()

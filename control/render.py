@@ -44,7 +44,7 @@ def prefix_table(lst: PrefixList, base: Path) -> PrefixTables:
     return PrefixTables.concat(*tables)
 
 
-def _key_here(zone: NetworkZone, region: str) -> bool:
+def key_here(zone: NetworkZone, region: str) -> bool:
     policy = zone.key_policy
     if policy.mode == "keyless":
         return False
@@ -62,7 +62,7 @@ def dc_view(net: NetworkConfig, dc: str, base: Path = Path("."),
                             for a in z.addresses))
     dcs = tuple(sorted((n, d.region, d.backbone) for n, d in net.dcs.items()))
     return DcView(dc, me.region, zones,
-                  frozenset(z.name for z in zones.values() if _key_here(z, me.region)),
+                  frozenset(z.name for z in zones.values() if key_here(z, me.region)),
                   deny, allow, (net.l4_rules, net.limits), (dcs, services))
 
 

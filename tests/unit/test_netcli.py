@@ -64,7 +64,8 @@ def test_status_of_every_dc(fleet, capsys) -> None:
     assert main([*argv, "--operator", "alice", "status"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0] for line in out] == ["dus", "fra"]
-    assert all("region eu; no link; front end answered 0 requests" in line for line in out)
+    assert all("region eu; network generation 0; no link; front end answered 0 requests"
+               in line for line in out)
 
 
 def test_a_purge_reaches_every_dc_and_is_audited_once_with_each_result(fleet, tmp_path: Path,

@@ -1,0 +1,101 @@
+"""The control plane's memory, served: an agent that starts asks for the
+current generation and applies it before it protects anything (pull on
+start), so a DC that was down during an apply comes back level.
+
+    privedge-net --store gens serve --listen 198.18.0.254 --cert core.crt ...
+
+    GET /v1/generation/current     the store's current payload (control/genpack.py);
+                                   404 while there is none
+
+mTLS with the network's CA; only agents (CN <dc>.dc.privedge.internal) and
+operators may read it: a zone's log reader or Prometheus gets 403 (the
+network config names every customer's origins and rules).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from http.server import BaseHTTPRequestHandler
+
+from agent.api import caller_of
+from agent.config import ConfigError
+from agent.metrics.server import TlsFiles, server_context
+from agent.metrics.tls import client_context
+from control.generations import GenerationStore
+from control.pki import DOMAIN
+from control.tlshttp import TlsHttpServer, TlsService
+
+CONTROL_PORT = 9445
+PATH = "/v1/generation/current"
+AGENT_SUFFIX = f".dc.{DOMAIN}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.do_handshake()  # type: ignore[attr-defined]
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Nothing to log: reads only."""
+
+    def do_GET(self) -> None:
+        caller = caller_of(self.connection.getpeercert(binary_form=True))  # type: ignore
+        status, payload = 200, None
+        if not (caller.name.endswith(AGENT_SUFFIX) or caller.role is not None):
+            status, answer = 403, {"error": "only agents and operators read generations"}
+        elif self.path != PATH:
+            status, answer = 404, {"error": f"no {self.path}; GET {PATH}"}
+        else:
+            try:
+                payload = self.server.store.current()
+            except ConfigError as e:
+                status, answer = 500, {"error": str(e)}
+            if status == 200 and payload is None:
+                status, answer = 404, {"error": "no generation applied yet"}
+        data = json.dumps(payload if status == 200 else answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class _Server(TlsHttpServer):
+    store: GenerationStore
+
+
+class GenerationServer(TlsService):
+    def __init__(self, store: GenerationStore, address: str, port: int,
+                 tls: TlsFiles) -> None:
+        self.tls = tls
+        httpd = _Server((address, port), _Handler, bind_and_activate=False)
+        httpd.store = store
+        super().__init__(httpd, lambda: server_context(self.tls), "privedge-control")
+
+
+def fetch_current(url_host: str, port: int, name: str, tls: TlsFiles,
+                  timeout: float = 5.0) -> dict | None:
+    """The control plane's current generation, None while it has none.
+    Raises OSError (unreachable), ssl.SSLError or ValueError (a bad answer)."""
+    ctx = client_context(tls)
+    conn = http.client.HTTPSConnection(name, port, timeout=timeout, context=ctx)
+    try:
+        raw = socket.create_connection((url_host, port), timeout)
+        conn.sock = ctx.wrap_socket(raw, server_hostname=name)
+        conn.request("GET", PATH)
+        r = conn.getresponse()
+        body = r.read()
+        if r.status == 404:
+            return None
+        if r.status != 200:
+            raise ValueError(f"HTTP {r.status}: {body[:200]!r}")
+        return json.loads(body)
+    except http.client.HTTPException as e:
+        raise ValueError(f"not HTTP: {e}") from None
+    finally:
+        conn.close()
