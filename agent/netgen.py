@@ -67,9 +67,11 @@ class NetworkState:
         """The last generation committed here, validated again; None if none.
         ConfigError if it is there but unreadable: never silently empty."""
         link = self.directory / CURRENT
-        if not link.exists():
+        if not os.path.lexists(link):
             return None
         target = link.resolve()
+        if not target.is_dir():
+            raise ConfigError(f"stored generation: {link} points at {target}, which is gone")
         try:
             payload = json.loads((target / PAYLOAD).read_text())
         except (OSError, ValueError) as e:
@@ -94,8 +96,10 @@ class NetworkState:
             shutil.rmtree(staged.directory, ignore_errors=True)
 
     def commit(self, staged: Staged) -> Staged:
-        """Keep a staged generation as the current one; older ones but the
-        previous are removed."""
+        """Keep a staged generation as the current one; every other but the
+        one it replaces is removed."""
+        link = self.directory / CURRENT
+        previous = os.readlink(link) if os.path.islink(link) else None
         final = self.directory / f"gen-{staged.number}"
         if staged.directory != final:
             shutil.rmtree(final, ignore_errors=True)
@@ -110,10 +114,8 @@ class NetworkState:
             os.fsync(fd)
         finally:
             os.close(fd)
-        keep = sorted((int(p.name[4:]) for p in self.directory.glob("gen-*")
-                       if p.name[4:].isdigit()), reverse=True)[:2]
         for p in self.directory.glob("gen-*"):
-            if p.name[4:].isdigit() and int(p.name[4:]) not in keep:
+            if p.name not in (final.name, previous):
                 shutil.rmtree(p, ignore_errors=True)
         return Staged(staged.generation, final)
 

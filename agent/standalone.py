@@ -32,12 +32,13 @@ class Run:
 class StandaloneNode:
     """Pinned state and programs like the agent's, attached to no interface."""
 
-    def __init__(self, label: str, cap: Capacity | None = None) -> None:
+    def __init__(self, label: str, cap: Capacity | None = None, ifname: str = "tr0") -> None:
         ensure_bpffs()
         self.bpffs = f"/sys/fs/bpf/pe-{label}-{os.getpid()}"
         self.run_root = tempfile.mkdtemp(prefix=f"pe-{label}-")
         self.cap = cap or Capacity()
-        self.node = Node("tr0", self.bpffs, self.run_root)
+        self.ifname = ifname
+        self.node = Node(ifname, self.bpffs, self.run_root)
         with self.node.lock():
             ensure_state(self.node, self.cap)
             self.edge_tag = upgrade_edge(self.node, self.cap)
@@ -48,7 +49,7 @@ class StandaloneNode:
     def base_rules(self, **cfg) -> RuleSet:
         """The config's defaults, but no bogon check (callers use TEST-NET sources)."""
         return ruleset_from_config(NodeConfig(
-            interface="tr0", **{"role": "backbone", "capacity": self.cap, **cfg}))
+            interface=self.ifname, **{"role": "backbone", "capacity": self.cap, **cfg}))
 
     def apply(self, rules: RuleSet) -> dict:
         with self.node.lock():

@@ -54,12 +54,22 @@ class GenerationStore:
             payload = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: generation {number} does not load: {e}") from None
-        check_payload(payload)       # not altered since it was saved
+        if check_payload(payload)[0] != number:   # and not altered since it was saved
+            raise ConfigError(f"{path} holds generation {payload['number']}, not {number}")
         return payload
 
     def current(self) -> dict | None:
         number = self.current_number()
         return None if number is None else self.get(number)
+
+    def set_current(self, number: int | None) -> None:
+        """Point `current` at a kept generation, or at none (back, after every
+        DC refused the newest)."""
+        if number is None:
+            (self.directory / CURRENT).unlink(missing_ok=True)
+            return
+        self.get(number)
+        write_file(self.directory / CURRENT, f"{number}\n".encode(), 0o600)
 
     def save(self, payload: dict) -> None:
         """Keep `payload` and make it current (each file replaced atomically)."""

@@ -27,7 +27,7 @@ from pathlib import Path
 from agent.config import ConfigError, read_yaml_mapping
 from control.network import NetworkConfig, load_network, parse_network
 
-LIST_NAME = re.compile(r"^lists/(deny|allow)-[0-9]{1,4}\.txt$")
+LIST_NAME = re.compile(r"lists/(deny|allow)-[0-9]{1,4}\.txt")     # whole names (fullmatch)
 MAX_GENERATION = 2**53 - 1        # exact in JSON numbers
 
 
@@ -50,7 +50,8 @@ def pack(path: Path, number: int) -> tuple[dict, NetworkConfig]:
         for i, f in enumerate(section.get("files") or ()):
             source = Path(f) if Path(f).is_absolute() else path.parent / f
             name = f"lists/{kind}-{i}.txt"
-            files[name] = source.read_text()
+            with open(source, newline="") as f:     # the bytes' lines as they are (CRLF too)
+                files[name] = f.read()
             names.append(name)
         if names:
             section["files"] = names
@@ -80,7 +81,7 @@ def check_payload(payload: object) -> tuple[int, str, dict, dict[str, str]]:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                               for k, v in files.items()):
         raise ConfigError("generation: files: an object of file name -> text")
-    bad = sorted(k for k in files if not LIST_NAME.match(k))
+    bad = sorted(k for k in files if not LIST_NAME.fullmatch(k))
     if bad:
         raise ConfigError(f"generation: files: {bad[0]!r}: names are lists/deny-N.txt "
                           "or lists/allow-N.txt")
@@ -95,10 +96,12 @@ def unpack(payload: object, directory: Path) -> Generation:
     network config whole (ConfigError lists every problem)."""
     number, sha, doc, files = check_payload(payload)
     for kind in ("deny", "allow"):
-        named = (doc.get(kind) or {}).get("files") or []
-        if not isinstance(named, list) or any(n not in files for n in named):
-            raise ConfigError(f"generation {number}: {kind}.files: names a file the "
-                              "generation does not carry")
+        section = doc.get(kind)
+        named = section.get("files") if isinstance(section, dict) else None
+        for n in named if isinstance(named, list) else ():   # other shapes: the schema says
+            if not isinstance(n, str) or n not in files or not n.startswith(f"lists/{kind}-"):
+                raise ConfigError(f"generation {number}: {kind}.files: {n!r}: not a "
+                                  f"{kind} list file the generation carries")
     for name, text in files.items():
         target = directory / name
         target.parent.mkdir(parents=True, exist_ok=True)

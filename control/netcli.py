@@ -138,6 +138,9 @@ def _report(results: dict[str, Result], as_json: bool) -> int:
     return 0 if all(r.ok for r in results.values()) else 1
 
 
+REFUSED = (409, 422)      # the agent checked the generation and changed nothing
+
+
 def _audit(args: argparse.Namespace, action: str, body: dict,
            results: dict[str, Result]) -> int:
     """Append the change and each DC's result to the control plane's log."""
@@ -191,6 +194,11 @@ def _apply(args: argparse.Namespace) -> int:
         store.save(payload)
     results = fleet.call("POST", "/v1/generation", payload)
     code = _report(results, args.json)
+    if all(r.status in REFUSED for r in results.values()) and payload is not current:
+        # No DC can take it: it is not what the network should be at.
+        store.set_current(current["number"] if current else None)
+        print(f"privedge-net: generation {payload['number']} was refused by every DC; the "
+              f"network stays at {current['number'] if current else 'none'}", file=sys.stderr)
     body = {"generation": payload["number"], "sha256": payload["sha256"],
             "file": str(args.file)}
     return _audit(args, "apply", body, results) or code

@@ -13,7 +13,8 @@ and one `serve` config for the L7 side:
     <state>/<dc>/logs.yaml    customer logs of every zone and the operations sample,
                               to the core's log store over mTLS (agent/logs)
     <state>/<dc>/api.yaml     the operators' API on the backbone address (agent/api.py),
-                              its audit log beside the configs
+                              its audit log and network generations beside the
+                              configs; the core's control plane to pull from at start
 
 The namespace lab (lab/cluster.py) and the VMs (`python -m lab generate`)
 both call `dc_configs`; only interface names and paths differ.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from control.genserver import CONTROL_PORT
 from core.prometheus import METRICS_PORT
 from lab.topology import Topology, Zone
 from lab.twons import LAB_BOGONS
@@ -174,30 +176,32 @@ def logs_config(topology: Topology, dc: str, netpki: str) -> dict:
 
 
 def api_config(topology: Topology, dc: str, netpki: str, audit: str) -> dict:
-    """The operators' and control plane's API on the DC's backbone address."""
+    """The operators' and control plane's API on the DC's backbone address;
+    with a core, where to pull the current generation at start."""
     pki = Path(netpki)
-    return {"listen": str(topology.dc(dc).link(topology.backbone.name).v4),
-            "cert": str(pki / "agents" / f"{dc}.crt"), "key": str(pki / "agents" / f"{dc}.key"),
-            "ca": str(pki / "ca.crt"), "audit": audit}
+    cfg: dict = {"listen": str(topology.dc(dc).link(topology.backbone.name).v4),
+                 "cert": str(pki / "agents" / f"{dc}.crt"),
+                 "key": str(pki / "agents" / f"{dc}.key"), "ca": str(pki / "ca.crt"),
+                 "audit": audit}
+    if any(h.name == "core" for h in topology.hosts):
+        cfg["control"] = {"address": core_address(topology), "port": CONTROL_PORT}
+    return cfg
 
 
-def network_doc(topology: Topology) -> dict:
+def network_doc(topology: Topology, certs: str) -> dict:
     """The lab's network as a network config (control/network.py): what
-    privedge-net reads to reach every DC."""
+    privedge-net reads to reach every DC, and what it applies. Its zones
+    are the serve configs' (`certs`: the lab CA that the origin's
+    certificate is from), its lists the link configs', so applying it as
+    it is changes nothing."""
     bb, inet = topology.backbone.name, topology.public.name
     dcs = {}
     for d in topology.dcs:
         pub = d.link(inet)
         dcs[d.name] = {"region": d.region, "backbone": str(d.link(bb).v4),
                        "public": [str(a) for a in (pub.v4, pub.v6) if a is not None]}
-    zones = []
-    for z in topology.zones:
-        zone = {"name": z.name, "hostnames": list(z.hostnames),
-                "addresses": [str(a) for a in z.addresses], **copy.deepcopy(dict(z.l7))}
-        if z.region is not None:
-            zone["region"] = z.region
-        zones.append(zone)
-    return {"regions": list(topology.regions), "dcs": dcs, "zones": zones,
+    return {"regions": list(topology.regions), "dcs": dcs,
+            "zones": [_zone(z, certs) for z in topology.zones],
             "deny": {"prefixes": list(topology.deny)}}
 
 

@@ -659,6 +659,7 @@ class Lab:
         changes += self._origin_up(pki, make_lab_pki)
         netpki, issued = self._network_pki()
         changes += issued + self._network_file() + self._logstore_up(netpki)
+        changes += self._service_up(self.control_service())   # agents pull from it at start
         starting: dict[str, tuple[subprocess.Popen, int]] = {}
         for dc in self.topology.dc_names():
             d = self.dc_dir(dc)
@@ -728,8 +729,28 @@ class Lab:
         return Service("logstore", self.ns("core"), tuple(argv), self.state_dir,
                        "ready: https://", "core", LOGSTORE_READY_TIMEOUT)
 
+    @property
+    def control_store(self) -> Path:
+        """The control plane's generations (control/generations.py)."""
+        return self.state_dir / "control" / "generations"
+
+    def control_service(self) -> Service | None:
+        """The control plane's current generation, served to agents that start
+        (control/genserver.py), on the core's backbone address."""
+        if "core" not in {n.name for n in self.topology.hosts}:
+            return None
+        from lab.agents import core_address
+        netpki = self.state_dir / "netpki"
+        argv = [self.python, "-m", "control.netcli", "--store", str(self.control_store),
+                "serve", "--listen", core_address(self.topology),
+                "--cert", str(netpki / "core" / "core.crt"),
+                "--key", str(netpki / "core" / "core.key"), "--ca", str(netpki / "ca.crt")]
+        return Service("control", self.ns("core"), tuple(argv), self.state_dir,
+                       "serving", "control.netcli", LOGSTORE_READY_TIMEOUT)
+
     def core_services(self) -> list[Service]:
-        return [s for s in (self.logstore_service(), self.prometheus_service()) if s]
+        return [s for s in (self.control_service(), self.logstore_service(),
+                            self.prometheus_service()) if s]
 
     def service_pid(self, service: Service | None) -> int | None:
         return None if service is None else services.running(service, _cmdline, _alive)
@@ -773,7 +794,7 @@ class Lab:
         privedge-net reads to reach the DCs' APIs."""
         from control.network import parse_network
         from lab.agents import network_doc
-        doc = network_doc(self.topology)
+        doc = network_doc(self.topology, str(self.state_dir / "pki"))
         parse_network(doc, str(self.network_file))   # ConfigError: the lab's own bug
         return self._write(self.network_file, yaml.safe_dump(doc, sort_keys=False))
 

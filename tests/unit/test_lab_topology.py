@@ -391,7 +391,36 @@ def test_the_api_listens_on_the_backbone_and_the_lab_network_is_a_valid_network_
     state, cfgs = iad
     api = ApiConfig.model_validate(cfgs["api.yaml"])
     assert api.listen == "198.18.0.3" and api.audit == state / "iad" / "audit.jsonl"
-    net = parse_network(network_doc(topo), "lab network")
+    assert api.control is not None and api.control.address == "198.18.0.10"
+    net = parse_network(network_doc(topo, str(state / "pki")), "lab network")
     assert {dc: d.backbone for dc, d in net.dcs.items()} == {
         "dus": "198.18.0.1", "fra": "198.18.0.2", "iad": "198.18.0.3"}
     assert net.deny.prefixes == ("203.0.113.66/32", "2001:db8:113::66/128")
+
+
+def test_applying_the_lab_network_as_it_is_changes_no_zone_and_no_list(iad, topo,
+                                                                        tmp_path) -> None:
+    """The lab's network config renders, for a DC, exactly the zones of its
+    serve config and the lists and steering of its link configs."""
+    import yaml
+
+    from agent.config import parse_config
+    from agent.l7.config import parse_serve_config
+    from agent.netgen import Identity, NetworkState, render
+    from agent.rules import ruleset_from_config
+    from control.genpack import pack
+    from lab.agents import network_doc
+
+    state, cfgs = iad
+    path = tmp_path / "network.yaml"
+    path.write_text(yaml.safe_dump(network_doc(topo, str(state / "pki"))))
+    staged = NetworkState(tmp_path / "gens").stage(pack(path, 1)[0])
+    serve = parse_serve_config(cfgs["serve.yaml"])
+    link = parse_config(cfgs["inet0.yaml"])
+    r = render(staged, Identity("iad", "us", link.steering.backbone_address), serve)
+    assert r.serve == serve and r.left_out == ()
+    mine, theirs = ruleset_from_config(link), ruleset_from_config(link, network=r.share)
+    assert mine.steering == theirs.steering
+    assert mine.deny["config"].changes(theirs.deny["config"]) == (0, 0)
+    assert (mine.l4_rules, mine.limits, len(mine.allow)) == (theirs.l4_rules, theirs.limits,
+                                                             len(theirs.allow))
