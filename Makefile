@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: setup test test-unit test-bpf test-integration lint demo lab-up lab-down lab-status \
-	bench-xdp bench-steer bench-l7 bench-waf bench-metadata clean
+	bench-xdp bench-steer bench-l7 bench-waf bench-metadata bench-control clean
 
 setup:
 	bash scripts/setup.sh
@@ -50,6 +50,9 @@ bench-waf: setup
 
 bench-metadata: setup
 	$(PY) -m bench.metadata
+
+bench-control: setup
+	$(PY) -m bench.control
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

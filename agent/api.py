@@ -28,14 +28,11 @@ import json
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Protocol
 
-from cryptography import x509
-from cryptography.x509.oid import NameOID
 from pydantic import Field, field_validator
 
 from agent.config import ConfigError, Frozen, parse_checked, read_yaml_mapping
@@ -44,15 +41,13 @@ from agent.metrics.server import TlsFiles, server_context
 from agent.node import Node
 from agent.prefixes import PrefixError
 from control import ops
-from control.audit import AuditError, AuditLog, fingerprint
-from control.pki import ROLES
+from control.audit import AuditError, AuditLog
+from control.roles import API_PORT, RANK, Caller, caller_of
 from control.status import gather
 from control.tlshttp import TlsHttpServer, TlsService
 
-API_PORT = 9444
 MAX_BODY = 1 << 20              # a deny request of ~20,000 prefixes; lists go as generations
 MAX_GENERATION_BODY = 256 << 20   # an admin's generation: lists of millions of prefixes
-RANK = {role: i for i, role in enumerate(ROLES)}   # viewer < operator < admin
 
 
 class ControlPlane(Frozen):
@@ -107,21 +102,6 @@ class ApiConfig(Frozen):
 
 def load_api_config(path: str | Path) -> ApiConfig:
     return parse_checked(ApiConfig, read_yaml_mapping(path), str(path), lambda _c: [])
-
-
-@dataclass(frozen=True)
-class Caller:
-    name: str          # the certificate's CN
-    role: str | None   # viewer, operator, admin; None: not an operator's certificate
-    certificate: str   # SHA-256 fingerprint
-
-
-def caller_of(der: bytes) -> Caller:
-    cert = x509.load_der_x509_certificate(der)
-    cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    ou = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
-    role = str(ou[0].value) if ou and str(ou[0].value) in RANK else None
-    return Caller(str(cn[0].value) if cn else "", role, fingerprint(der))
 
 
 class ApiError(Exception):

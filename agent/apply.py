@@ -11,7 +11,7 @@ import time
 
 from agent import catalog
 from agent import libbpf as lb
-from agent.compile import compile_rules
+from agent.compile import Compiled, compile_rules
 from agent.generation import KINDS, apply_compiled, close_all, live_inner_fds
 from agent.live import apply_live
 from agent.maps import inner_entries
@@ -50,13 +50,16 @@ def check_fixed_sizes(node: Node, rules: RuleSet) -> None:
                             f"`privedge-agent detach {node.ifname}` and start again to resize")
 
 
-def apply_generation(node: Node, rules: RuleSet,
-                     kinds: tuple[str, ...] = KINDS) -> dict[str, object]:
-    """Compile, build and swap in a new generation; returns a report."""
+def apply_generation(node: Node, rules: RuleSet, kinds: tuple[str, ...] = KINDS,
+                     compiled: Compiled | None = None) -> dict[str, object]:
+    """Compile, build and swap in a new generation; returns a report.
+    `compiled`: `rules` compiled already, for the next generation number
+    (compiled again if that number is no longer next)."""
     check_fixed_sizes(node, rules)
     t0 = time.perf_counter()
     generation = node.active().generation + 1
-    compiled = compile_rules(rules, generation)
+    if compiled is None or int(compiled.params.generation) != generation:
+        compiled = compile_rules(rules, generation)
     t1 = time.perf_counter()
     timings = apply_compiled(node, compiled, rules.capacity, kinds)
     catalog.save(node.run_dir, rules)

@@ -67,6 +67,16 @@ def load(run_dir: Path) -> RuleSet | None:
         )
 
 
+def stamp(run_dir: Path) -> tuple[int, int] | None:
+    """Which saved rule set is there (inode, mtime): a save replaces the
+    file, so an unchanged stamp means the rule set read before still is."""
+    try:
+        st = (run_dir / FILE).stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def next_expiry(run_dir: Path) -> float | None:
     """The earliest expiry (wall clock) among the operator's entries, if any."""
     rules = load(run_dir)

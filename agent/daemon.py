@@ -25,6 +25,7 @@ import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 
 from pyroute2 import NetlinkError
 
@@ -32,7 +33,7 @@ from agent import catalog, loader, neighbours
 from agent.api import AgentApi, ApiConfig, ApiError, ApiServer, load_api_config
 from agent.apply import apply_generation, check_fixed_sizes, expire_entries
 from agent.bcc_build import BuildError
-from agent.compile import CapacityError, compile_rules
+from agent.compile import CapacityError, Compiled, compile_rules
 from agent.config import ConfigError, NodeConfig, Steering, load_config
 from agent.l7.cache import Cache, CacheDirError
 from agent.l7.config import ServeConfig, load_serve_config
@@ -72,6 +73,47 @@ def same_steering(cfgs: list[NodeConfig], paths: list[str]) -> Steering | None:
         raise ConfigError("the links of one agent must carry the same steering section "
                           f"(they differ in {', '.join(paths)})")
     return sections.pop() if sections else None
+
+
+class Steps:
+    """How long each step of an apply took, for its report."""
+
+    def __init__(self, t0: float) -> None:
+        self.t0 = self.last = t0
+        self.done: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.done[step] = round(now - self.last, 4)
+        self.last = now
+
+    def total(self) -> float:
+        return round(time.perf_counter() - self.t0, 4)
+
+
+@dataclass
+class LinkPlan:
+    """A link's part of an apply, checked: what it had, what it gets."""
+
+    link: Link
+    stamp: tuple[int, int] | None      # of the rule set read (agent/catalog.py)
+    old: RuleSet | None
+    rules: RuleSet
+    compiled: Compiled
+
+    def swap(self, share: NetworkShare) -> tuple[RuleSet | None, dict]:
+        """Swap the link to its new generation; returns what it had and the
+        report. An operator's change since the check (a deny added) is
+        kept: the rules are made again from the rule set now there."""
+        node = self.link.node
+        with node.lock():
+            if catalog.stamp(node.run_dir) == self.stamp:
+                old, rules, compiled = self.old, self.rules, self.compiled
+            else:
+                old = catalog.load(node.run_dir)
+                rules = ruleset_from_config(self.link.cfg, old, None, share)
+                compiled = None
+            return old, apply_generation(node, rules, compiled=compiled)
 
 
 class Link:
@@ -427,57 +469,67 @@ class Agent:
                         raise ApiError(409, f"generation {number} is applied here with other "
                                             f"content (sha256 {current.sha256[:12]})")
                     return {"generation": number, "changed": False,
-                            "seconds": round(time.perf_counter() - t0, 4)}
+                            "apply_s": round(time.perf_counter() - t0, 4)}
             try:
                 staged = self.network.stage(payload)
             except FAILURES as e:
                 raise ApiError(422, f"refused, nothing changed: {e}") from None
             try:
-                return self._apply_staged(staged, dry, t0)
+                return self._apply_staged(staged, dry, Steps(t0))
             finally:
                 if self.staged is None or self.staged.generation is not staged.generation:
                     self.network.discard(staged)
 
-    def _apply_staged(self, staged: Staged, dry: bool, t0: float) -> dict:
+    def _apply_staged(self, staged: Staged, dry: bool, steps: Steps) -> dict:
+        steps.mark("unpacked")
         try:
             rendered = render(staged, self.identity(), self.serve_local)
-            for link in self.links:   # every link's new rules fit, before any changes
-                with link.node.lock():
-                    rules = ruleset_from_config(link.cfg, catalog.load(link.node.run_dir),
-                                                None, rendered.share)
-                check_fixed_sizes(link.node, rules)
-                compile_rules(rules, 0)
+            plans = [self._plan_link(link, rendered.share) for link in self.links]
             front = rendered.serve if rendered.serve != self.serve_cfg else None
             if front is not None:
                 self.check_front(front)
         except FAILURES as e:
             raise ApiError(422, f"refused, nothing changed: {e}") from None
+        steps.mark("checked")
         report: dict = {"generation": staged.number, "dry_run": dry,
                         "front": "unchanged" if front is None else "new zones",
-                        "left_out": list(rendered.left_out)}
+                        "left_out": list(rendered.left_out), "steps": steps.done}
         if dry:
-            return {**report, "seconds": round(time.perf_counter() - t0, 4)}
+            return {**report, "apply_s": steps.total()}
         before: list[tuple[Link, RuleSet | None]] = []
         try:
-            for link in self.links:
-                with link.node.lock():
-                    old = catalog.load(link.node.run_dir)
-                    rules = ruleset_from_config(link.cfg, old, None, rendered.share)
-                    applied = apply_generation(link.node, rules)
-                before.append((link, old))
-                report[link.cfg.interface] = {"bpf_generation": applied["generation"],
-                                              "seconds": applied["total_s"]}
+            for plan in plans:
+                old, applied = plan.swap(rendered.share)
+                before.append((plan.link, old))
+                report[plan.link.cfg.interface] = {"bpf_generation": applied["generation"],
+                                                   "seconds": applied["total_s"]}
+            steps.mark("links swapped")
             if front is not None:
                 self.swap_front(front)
+                steps.mark("front end swapped")
         except FAILURES as e:
             self._restore(before)
             raise ApiError(500, f"failed, rolled back to generation "
                                 f"{self.rendered.number if self.rendered else 0}: {e}") from None
         self.staged = self.network.commit(staged)   # type: ignore[union-attr]
         self.rendered = rendered
-        phase("network", f"generation {staged.number} applied in "
-                         f"{time.perf_counter() - t0:.3f}s")
-        return {**report, "seconds": round(time.perf_counter() - t0, 4)}
+        steps.mark("kept")
+        phase("network", f"generation {staged.number} applied in {steps.total()}s: "
+                         + ", ".join(f"{k} {v}s" for k, v in steps.done.items()))
+        return {**report, "apply_s": steps.total()}
+
+    @staticmethod
+    def _plan_link(link: Link, share: NetworkShare) -> LinkPlan:
+        """A link's new rules, compiled against its capacity (CapacityError
+        before any link changes)."""
+        node = link.node
+        with node.lock():
+            stamp = catalog.stamp(node.run_dir)
+            old = catalog.load(node.run_dir)
+            rules = ruleset_from_config(link.cfg, old, None, share)
+            check_fixed_sizes(node, rules)
+            compiled = compile_rules(rules, node.active().generation + 1)
+        return LinkPlan(link, stamp, old, rules, compiled)
 
     def _restore(self, before: list[tuple[Link, RuleSet | None]]) -> None:
         """Put links back on the rules they had; a link that cannot be put

@@ -18,7 +18,10 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -44,6 +47,27 @@ def synchronize_rcu() -> None:
     """
     if _libc.syscall(_SYS_MEMBARRIER, _MEMBARRIER_CMD_GLOBAL, 0, 0) != 0:
         time.sleep(0.05)
+
+
+# The kernel waits for an RCU grace period after every update or delete of
+# a map-in-map element made by a syscall (maybe_wait_bpf_programs), ~10 ms
+# here. A swap writes one slot of each outer map, then clears the old one:
+# done one by one that is 2 x 15 waits. Issued together, from threads (the
+# syscall releases the GIL), the waits overlap and share grace periods.
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def each_kind(op: Callable[[str], None]) -> None:
+    """op(kind) for every kind at once; raises the first failure after all ended."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=len(KINDS), thread_name_prefix="pe-swap")
+    futures = [_pool.submit(op, kind) for kind in KINDS]
+    failures = [e for f in futures if (e := f.exception()) is not None]
+    if failures:
+        raise failures[0]
 
 
 # -- filling maps ------------------------------------------------------------------
@@ -160,9 +184,9 @@ def install(node: Node, inner: dict[str, int], generation: int) -> float:
     live = node.active().slot
     idle = 1 - live
     try:
-        for kind in KINDS:
-            lb.map_update(node.fd(kind), ctypes.c_uint32(idle), ctypes.c_uint32(inner[kind]),
-                          what=f"{kind} slot {idle}")
+        each_kind(lambda kind: lb.map_update(node.fd(kind), ctypes.c_uint32(idle),
+                                             ctypes.c_uint32(inner[kind]),
+                                             what=f"{kind} slot {idle}"))
     except BaseException:
         clear_slot(node, idle)
         raise
@@ -173,8 +197,8 @@ def install(node: Node, inner: dict[str, int], generation: int) -> float:
 
 
 def clear_slot(node: Node, slot: int) -> None:
-    for kind in KINDS:
-        lb.map_delete(node.fd(kind), ctypes.c_uint32(slot), what=f"{kind} slot {slot}")
+    each_kind(lambda kind: lb.map_delete(node.fd(kind), ctypes.c_uint32(slot),
+                                         what=f"{kind} slot {slot}"))
 
 
 def apply_compiled(node: Node, c: Compiled, cap: Capacity,

@@ -19,12 +19,12 @@ import json
 import socket
 from http.server import BaseHTTPRequestHandler
 
-from agent.api import caller_of
 from agent.config import ConfigError
 from agent.metrics.server import TlsFiles, server_context
 from agent.metrics.tls import client_context
 from control.generations import GenerationStore
 from control.pki import DOMAIN
+from control.roles import caller_of
 from control.tlshttp import TlsHttpServer, TlsService
 
 CONTROL_PORT = 9445

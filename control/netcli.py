@@ -43,17 +43,16 @@ import sys
 import threading
 from pathlib import Path
 
-from agent.api import API_PORT
 from agent.config import ConfigError
 from agent.metrics.server import TlsFiles
 from control import network
 from control.audit import AuditError, AuditLog, fingerprint
-from control.cli import duration
 from control.fleet import Fleet, Result, credentials
 from control.generations import GenerationStore, open_payload
 from control.genpack import content_hash, pack
 from control.genserver import CONTROL_PORT, GenerationServer
 from control.render import diff
+from control.roles import API_PORT
 
 EXAMPLES = """examples:
   privedge-net validate examples/network.yaml
@@ -65,11 +64,20 @@ EXAMPLES = """examples:
 """
 
 
+def duration(text: str) -> float:
+    """--expires: control/cli.py's, imported only when given (it loads the
+    node tools, and a CLI's start-up is part of every apply)."""
+    from control.cli import duration as parse
+
+    return parse(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="privedge-net", description=__doc__.split("\n")[0],
                                 epilog=EXAMPLES, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--network", type=Path, default=Path("network.yaml"),
-                   help="the network config (default: %(default)s)")
+    p.add_argument("--network", type=Path,
+                   help="where the DCs are (default: the store's current generation, "
+                        "else ./network.yaml)")
     p.add_argument("--pki", type=Path, default=Path("/etc/privedge/pki"),
                    help="the privedge-pki directory (default: %(default)s)")
     p.add_argument("--operator", default="admin", help="whose certificate (default: %(default)s)")
@@ -274,6 +282,17 @@ def _change(args: argparse.Namespace, fleet: Fleet, method: str, path: str, body
     return _audit(args, action, body, results) or code
 
 
+def _where_dcs_are(args: argparse.Namespace) -> network.NetworkConfig:
+    """--network, else the network as last applied, else ./network.yaml."""
+    if args.network is None:
+        current = GenerationStore(args.store).current()
+        if current is not None:
+            opened = open_payload(current)
+            opened.close()
+            return opened.generation.net
+    return network.load_network(args.network or Path("network.yaml"))
+
+
 def _serve(args: argparse.Namespace) -> int:
     """Until SIGTERM or SIGINT."""
     stop = threading.Event()
@@ -308,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         return _serve(args)
     try:
-        net = network.load_network(args.network)
+        net = _where_dcs_are(args)
         fleet = Fleet.from_network(net, credentials(args.pki, args.operator), args.port)
     except ConfigError as e:
         print(e, file=sys.stderr)

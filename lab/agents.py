@@ -33,7 +33,7 @@ from core.prometheus import METRICS_PORT
 from lab.topology import Topology, Zone
 from lab.twons import LAB_BOGONS
 
-DENY4_EXACT = 65536         # the lab's denylist is tiny: small maps load fast
+DENY4_EXACT = 131_072       # room for bench-control's 100k list (90% /32); small maps load fast
 LAB_CACHE_MEMORY = 4 << 20
 RTT_INTERVAL = 2.0          # seconds: a lab run is short
 CORE_PORT = 8443            # the core's log store (core/server.py)

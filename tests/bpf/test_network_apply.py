@@ -20,6 +20,7 @@ from agent.config import Capacity
 from agent.daemon import Agent
 from agent.l7.server import ServeError
 from agent.libbpf import XdpAction
+from agent.netgen import render
 from agent.standalone import StandaloneNode
 from control import ops, pki
 from control.genpack import pack
@@ -156,3 +157,21 @@ def pack_doc(tmp: Path, doc: dict, number: int) -> dict:
     path = tmp / f"doc{number}.yaml"
     path.write_text(yaml.safe_dump(doc))
     return pack(path, number)[0]
+
+
+def test_a_deny_added_between_the_check_and_the_swap_is_kept(dc: Dc) -> None:
+    """The check compiles each link's rules; an operator's deny that lands
+    before the swap makes the link compile again rather than lose it."""
+    dc.agent.apply_network(dc.network("g1", []))
+    staged = dc.agent.network.stage(dc.network("g2", ["192.0.2.0/24"]))
+    try:
+        rendered = render(staged, dc.agent.identity(), dc.agent.serve_local)
+        plans = [dc.agent._plan_link(link, rendered.share) for link in dc.agent.links]
+        for n in dc.links:
+            ops.deny_add(n.node, [OTHER + "/32"])
+        for plan in plans:
+            plan.swap(rendered.share)
+    finally:
+        dc.agent.network.discard(staged)
+    assert dc.verdicts(OTHER) == [XDP_DROP, XDP_DROP]
+    assert dc.verdicts(ATTACKER) == [XDP_DROP, XDP_DROP]

@@ -191,17 +191,17 @@ def test_an_invalid_file_or_a_list_no_dc_can_hold_changes_nothing_anywhere(lab: 
     assert code == 1 and "zones[1].region: 'mars': not a defined region" in err, err
     assert generations(lab) == before
     assert sorted(p.name for p in lab.control_store.iterdir()) == store
-    # Valid as a file, but 70,000 /32s: more than any lab DC's exact table
-    # holds (65,536). Every DC refuses it whole, and the network stays where it was.
+    # Valid as a file, but 140,000 /32s: more than any lab DC's exact table
+    # holds (131,072). Every DC refuses it whole, and the network stays where it was.
     big = denying_katerina(lab)
     (lab.state_dir / "too-many.txt").write_text(
-        "".join(f"100.{i >> 16}.{(i >> 8) & 255}.{i & 255}/32\n" for i in range(70_000)))
+        "".join(f"100.{i >> 16}.{(i >> 8) & 255}.{i & 255}/32\n" for i in range(140_000)))
     big["deny"]["files"] = ["too-many.txt"]
     code, out, err = net(lab, "apply", str(write_network(lab, "too-many", big)))
     assert code == 1
     refused = applied(out)
     assert all(refused[dc].startswith("FAILED") and "nothing changed" in refused[dc]
-               and "65,536" in refused[dc] for dc in DCS), out
+               and "131,072" in refused[dc] for dc in DCS), out
     assert "refused by every DC" in err
     assert generations(lab) == before
     assert (lab.control_store / "current").read_text() == current   # not what DCs should be at

@@ -283,3 +283,21 @@ def test_an_agent_pulls_the_current_generation_at_start(net: Net) -> None:
         server.stop()
     assert generation_of(net, "fra") == 2
     assert handshake(a, net.zones_ca, "shop.example.com")
+
+
+def test_status_finds_the_dcs_in_the_last_generation_and_names_one_behind(net: Net,
+                                                                          capsys) -> None:
+    """Without --network, the network as last applied says where the DCs are."""
+    assert main([*net.argv(), "apply", str(net.write("v1", ["www"], []))]) == 0
+    net.agents["fra"].api.stop()
+    net.agents["fra"].api = None
+    assert main([*net.argv(), "apply", str(net.write("v2", ["www", "shop"], []))]) == 1
+    net.agents["fra"].start_api()
+    capsys.readouterr()
+    argv = net.argv()
+    i = argv.index("--network")
+    assert main([*argv[:i], *argv[i + 2:], "status"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("dus: region eu; network generation 2; no link")
+    assert out[1].startswith("fra: region eu; network generation 1 (behind: the network is "
+                             "at 2); no link")
