@@ -22,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.metrics.server import TlsFiles
-from agent.metrics.tls import client_context
+from agent.metrics.tls import TlsFiles, client_context
 from control.network import NetworkConfig
 from control.pki import DOMAIN
 from control.roles import API_PORT

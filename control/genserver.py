@@ -20,14 +20,12 @@ import socket
 from http.server import BaseHTTPRequestHandler
 
 from agent.config import ConfigError
-from agent.metrics.server import TlsFiles, server_context
-from agent.metrics.tls import client_context
+from agent.metrics.tls import TlsFiles, client_context, server_context
 from control.generations import GenerationStore
 from control.pki import DOMAIN
 from control.roles import caller_of
 from control.tlshttp import TlsHttpServer, TlsService
 
-CONTROL_PORT = 9445
 PATH = "/v1/generation/current"
 AGENT_SUFFIX = f".dc.{DOMAIN}"
 

@@ -44,15 +44,14 @@ import threading
 from pathlib import Path
 
 from agent.config import ConfigError
-from agent.metrics.server import TlsFiles
+from agent.metrics.tls import TlsFiles
 from control import network
 from control.audit import AuditError, AuditLog, fingerprint
 from control.fleet import Fleet, Result, credentials
 from control.generations import GenerationStore, open_payload
 from control.genpack import content_hash, pack
-from control.genserver import CONTROL_PORT, GenerationServer
 from control.render import diff
-from control.roles import API_PORT
+from control.roles import API_PORT, CONTROL_PORT
 
 EXAMPLES = """examples:
   privedge-net validate examples/network.yaml
@@ -295,6 +294,7 @@ def _where_dcs_are(args: argparse.Namespace) -> network.NetworkConfig:
 
 def _serve(args: argparse.Namespace) -> int:
     """Until SIGTERM or SIGINT."""
+    from control.genserver import GenerationServer  # the server's imports: only here
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

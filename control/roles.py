@@ -16,6 +16,7 @@ from control.audit import fingerprint
 from control.pki import ROLES
 
 API_PORT = 9444                 # the agents' API (agent/api.py)
+CONTROL_PORT = 9445             # the control plane's generations (control/genserver.py)
 RANK = {role: i for i, role in enumerate(ROLES)}   # viewer < operator < admin
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from control.genserver import CONTROL_PORT
+from control.roles import CONTROL_PORT
 from core.prometheus import METRICS_PORT
 from lab.topology import Topology, Zone
 from lab.twons import LAB_BOGONS

@@ -14,34 +14,13 @@ holds the accept loop. Nothing about a scraper is logged.
 
 from __future__ import annotations
 
-import ssl
-from dataclasses import dataclass
-from pathlib import Path
-
 from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import CollectorRegistry
 
+from agent.metrics.tls import TlsFiles, server_context
 from control.tlshttp import TlsHttpServer, TlsService
 
-
-@dataclass(frozen=True)
-class TlsFiles:
-    cert: Path      # this agent's certificate (server use), e.g. agents/<dc>.crt
-    key: Path
-    ca: Path        # the network's CA: only clients it issued are served
-
-
-def server_context(files: TlsFiles,
-                   verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
-    """TLS 1.2+, the client's certificate verified against the CA: required,
-    or with CERT_OPTIONAL verified only when one is shown (the core's log
-    store answers a client without one 403 rather than failing its handshake)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = verify_mode
-    ctx.load_verify_locations(files.ca)
-    ctx.load_cert_chain(files.cert, files.key)
-    return ctx
+__all__ = ["MetricsServer", "TlsFiles", "server_context"]
 
 
 class _Handler(MetricsHandler):

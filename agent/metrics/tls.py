@@ -1,7 +1,8 @@
-"""The agent's TLS client context, for its mutual-TLS connections to the
-network's other parties: peer DCs (rtt.py's probes) and the core (the log
-shippers, agent/logs/shipper.py). Its server side is server.py's
-server_context.
+"""The TLS contexts of the network's mutual TLS: the client's, for the
+agent's connections to the network's other parties (rtt.py's probes, the
+log shippers, the control plane's CLI), and the server's (/metrics, the
+agent's API, the control plane's generation server). Kept light on
+imports: a CLI's start-up is part of every apply.
 
     ctx = client_context(TlsFiles(crt, key, ca))
     ctx.wrap_socket(sock, server_hostname="core.privedge.internal")
@@ -10,8 +11,28 @@ server_context.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
+from pathlib import Path
 
-from agent.metrics.server import TlsFiles
+
+@dataclass(frozen=True)
+class TlsFiles:
+    cert: Path      # this party's certificate, e.g. agents/<dc>.crt
+    key: Path
+    ca: Path        # the network's CA: only peers it issued are trusted
+
+
+def server_context(files: TlsFiles,
+                   verify_mode: ssl.VerifyMode = ssl.CERT_REQUIRED) -> ssl.SSLContext:
+    """TLS 1.2+, the client's certificate verified against the CA: required,
+    or with CERT_OPTIONAL verified only when one is shown (the core's log
+    store answers a client without one 403 rather than failing its handshake)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = verify_mode
+    ctx.load_verify_locations(files.ca)
+    ctx.load_cert_chain(files.cert, files.key)
+    return ctx
 
 
 def client_context(files: TlsFiles) -> ssl.SSLContext:
