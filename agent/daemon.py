@@ -320,9 +320,23 @@ class Agent:
             self.logs.submitters(cfg)  # a zone now regional must log in its region
 
     def swap_front(self, cfg: ServeConfig) -> None:
-        """Serve a checked `cfg` instead of the current one. The listeners
-        close and reopen (the port is ours again); if the new config cannot
-        start, the old one is served again and the error raised."""
+        """Serve a checked `cfg` instead of the current one. When only the
+        zones differ (a network generation), the running front end adopts
+        them: no listener closes, no connection is cut, the counters go on.
+        Otherwise the listeners close and reopen (the port is ours again);
+        if the new config cannot start, the old one is served again and the
+        error raised."""
+        if self.front is not None and self.front.server.can_adopt(cfg):
+            logs = self.logs
+            new = L7Server(cfg, self.front.counters, self.cache,
+                           logs.submitters(cfg) if logs else None,
+                           logs.sampling() if logs else None)
+            try:
+                self.front.adopt(new)
+            except (TimeoutError, RuntimeError) as e:   # the loop is gone or stuck
+                raise ServeError(f"the front end did not take the new zones: {e}") from None
+            self.serve_cfg = cfg
+            return
         old_cfg = self.serve_cfg
         if self.front:
             self.front.stop()
@@ -497,6 +511,7 @@ class Agent:
         if dry:
             return {**report, "apply_s": steps.total()}
         before: list[tuple[Link, RuleSet | None]] = []
+        old_front = self.serve_cfg
         try:
             for plan in plans:
                 old, applied = plan.swap(rendered.share)
@@ -507,11 +522,16 @@ class Agent:
             if front is not None:
                 self.swap_front(front)
                 steps.mark("front end swapped")
+            try:    # what a restart applies: kept before the apply is reported done
+                self.staged = self.network.commit(staged)   # type: ignore[union-attr]
+            except OSError as e:
+                if front is not None and old_front is not None:
+                    self.swap_front(old_front)
+                raise ServeError(f"could not keep the generation ({e})") from None
         except FAILURES as e:
             self._restore(before)
             raise ApiError(500, f"failed, rolled back to generation "
                                 f"{self.rendered.number if self.rendered else 0}: {e}") from None
-        self.staged = self.network.commit(staged)   # type: ignore[union-attr]
         self.rendered = rendered
         steps.mark("kept")
         phase("network", f"generation {staged.number} applied in {steps.total()}s: "

@@ -179,6 +179,7 @@ def _apply(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"privedge-net: {e}; nothing was sent", file=sys.stderr)
         return 1
+    summaries: dict[str, str] = {}
     if current is not None and current["sha256"] == content_hash(payload["doc"],
                                                                  payload["files"]):
         payload = current      # the same network: its generation again, for who lacks it
@@ -192,9 +193,10 @@ def _apply(args: argparse.Namespace) -> int:
         finally:
             if before is not None:
                 before.close()
+        summaries = {dc: d.summary() for dc, d in changes.items()}
         width = max(len(dc) for dc in changes)
-        for dc, d in changes.items():
-            print(f"{dc:<{width}}  {d.summary()}", file=sys.stderr)
+        for dc, text in summaries.items():
+            print(f"{dc:<{width}}  {text}", file=sys.stderr)
     if args.dry_run:
         return _report(fleet.call("POST", "/v1/generation?dry_run=1", payload), args.json)
     if payload is not current:
@@ -207,7 +209,7 @@ def _apply(args: argparse.Namespace) -> int:
         print(f"privedge-net: generation {payload['number']} was refused by every DC; the "
               f"network stays at {current['number'] if current else 'none'}", file=sys.stderr)
     body = {"generation": payload["number"], "sha256": payload["sha256"],
-            "file": str(args.file)}
+            "file": str(args.file), "diff": summaries}
     return _audit(args, "apply", body, results) or code
 
 

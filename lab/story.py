@@ -14,6 +14,11 @@
     7  what the core learns: its Prometheus scrapes every DC over mTLS (the
        drops at iad, the requests at dus, by closed labels only); www's own
        certificate reads Katerina's log records, stored encrypted
+    8  the operator runs the network from one file: one `privedge-net apply`
+       from the core blocks a path of www on all three DCs (each reports the
+       generation it reached and how long it took), a file with a mistake
+       changes nothing anywhere, and applying the lab's own file takes the
+       block away
 
 Each step prints what it does, then its evidence (counter deltas read
 from the DCs' XDP programs and TLS front ends, a capture on the backbone),
@@ -286,6 +291,8 @@ class Story:
                   "L7: cache, WAF, challenge, login check", self.pipeline)
         self.step(7, "What the core learns: metrics from every DC, www's logs for www only",
                   "core: Prometheus, encrypted customer logs", self.core)
+        self.step(8, "The operator changes the network from one file: one apply, three DCs",
+                  "control plane: one apply, every DC, or none", self.control_plane)
         return all(ok for _, _, ok in self.results)
 
     # -- 1
@@ -616,6 +623,70 @@ class Story:
         self.expect(not plain, f"plaintext in the store: {plain[:3]}")
         return ("every DC scraped over mTLS; www's logs reached the core, encrypted, "
                 "readable by www alone")
+
+    # -- 8
+
+    def control_plane(self) -> str:
+        import yaml
+
+        lab = self.lab
+        path = "/closed-for-maintenance"
+
+        def net(*args: str) -> tuple[int, dict, str]:
+            argv = [lab.python, "-m", "control.netcli", "--pki", str(lab.state_dir / "netpki"),
+                    "--operator", "lab-admin", "--store", str(lab.control_store),
+                    "--audit", str(lab.state_dir / "control-audit.jsonl"), "--json", *args]
+            r = lab.exec("core", argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+            return r.returncode, json.loads(r.stdout) if r.stdout.strip() else {}, r.stderr
+
+        def statuses() -> list[int]:
+            codes = []
+            for dc in self.topo.dc_names():
+                lab.move("client", dc)
+                r = lab.exec("client", [*curl_to(lab, WWW, WWW4), "-o", "/dev/null", "-w",
+                                        "%{http_code}", f"https://{WWW}{path}"],
+                             capture_output=True, text=True, timeout=CURL_TIMEOUT + 10)
+                codes.append(int(r.stdout or 0))
+            lab.move("client", "dus")
+            return codes
+
+        def show(results: dict) -> None:
+            for dc, r in results.items():
+                row(f"{dc}", f"generation {r.get('generation')} in {r['seconds'] * 1000:.0f} ms"
+                    if r["ok"] else f"FAILED {r.get('error')}")
+
+        doc = yaml.safe_load(lab.network_file.read_text())
+        www = next(z for z in doc["zones"] if z["name"] == "www")
+        www["firewall"].append({"expression": f'http.request.uri.path eq "{path}"',
+                                "action": "block"})
+        changed = self.tmp / "network-maintenance.yaml"
+        changed.write_text(yaml.safe_dump(doc, sort_keys=False))
+        before = statuses()
+        say(f"privedge-net apply {changed.name} (www: a firewall rule blocks {path})")
+        code, results, err = net("apply", str(changed))
+        show(results)
+        after = statuses()
+        row(f"GET {path} via each DC", f"{before} before, {after} after")
+        self.expect(code == 0 and all(r["ok"] for r in results.values()),
+                    f"the apply did not reach every DC: {err.strip()}")
+        self.expect(after == [403] * len(after), f"the block is not enforced everywhere: {after}")
+        bad = self.tmp / "network-mistake.yaml"
+        doc["deny"]["prefixes"].append("198.51.100.300/32")
+        bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+        code, results, err = net("apply", str(bad))
+        say(f"privedge-net apply {bad.name} (a prefix that does not parse)")
+        row("refused", err.strip().splitlines()[0] if err.strip() else "(nothing said)")
+        self.expect(code == 1 and not results, "the file with a mistake was sent")
+        say("privedge-net apply network.yaml (the lab's own)")
+        code, results, err = net("apply", str(lab.network_file))
+        show(results)
+        restored = statuses()
+        row(f"GET {path} via each DC", f"{restored}")
+        self.expect(code == 0 and restored == before,
+                    f"the lab's own network did not take the block away: {restored}")
+        gens = {r.get("generation") for r in results.values()}
+        return (f"one file, every DC at generation {gens.pop() if len(gens) == 1 else gens}; "
+                "the mistake changed nothing anywhere")
 
     def summary(self, seconds: float) -> bool:
         ok = all(r for _, _, r in self.results)

@@ -82,15 +82,28 @@ class Counters:
         self._accepted = 0
         self._refused = dict.fromkeys(Refusal, 0)
         self._request_errors = dict.fromkeys(RequestError, 0)
-        self._requests = dict.fromkeys(zones, 0)
         self._handshakes = dict.fromkeys((*TLS_VERSIONS, OTHER), 0)
-        self._actions = {z: dict.fromkeys(RuleAction, 0) for z in self._requests}
+        self._requests: dict[str, int] = {}
+        self._actions: dict[str, dict[RuleAction, int]] = {}
         # zone -> [status class][cache status] counts
-        self._responses = {z: [[0] * len(CACHE_STATUSES) for _ in STATUS_CLASSES]
-                           for z in self._requests}
+        self._responses: dict[str, list[list[int]]] = {}
         # zone -> per-bucket counts (the last: over the largest bound), and sums
-        self._latency = {z: [0] * (len(LATENCY_BUCKETS) + 1) for z in self._requests}
-        self._latency_sum = dict.fromkeys(self._requests, 0.0)
+        self._latency: dict[str, list[int]] = {}
+        self._latency_sum: dict[str, float] = {}
+        self.add_zones(zones)
+
+    def add_zones(self, zones: Iterable[str]) -> None:
+        """Count these zones too, from zero (a new config that adds zones
+        keeps the counts of the others; a zone that goes keeps its own)."""
+        with self._lock:
+            for z in zones:
+                if z in self._requests:
+                    continue
+                self._actions[z] = dict.fromkeys(RuleAction, 0)
+                self._responses[z] = [[0] * len(CACHE_STATUSES) for _ in STATUS_CLASSES]
+                self._latency[z] = [0] * (len(LATENCY_BUCKETS) + 1)
+                self._latency_sum[z] = 0.0
+                self._requests[z] = 0     # last: a zone is known once all its rows are
 
     def accepted(self) -> None:
         """A TCP connection was accepted (refused ones included)."""

@@ -81,6 +81,7 @@ LISTEN_BACKLOG = 1024
 SHUTDOWN_TIMEOUT = 5.0        # TLS close_notify exchange and final writes
 STATUS_TIMEOUT = 2.0
 ACCEPT_BACKOFF = 0.1          # after EMFILE and friends, instead of spinning
+RETIRE_GRACE = 120.0          # replaced zones' origin pools close after this (their requests end)
 ACCEPT_BATCH = 64             # connections accepted per wake-up of a listener
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"  # forward secret AEAD only
 # Keys readable by group or others are refused, as ssh does for its keys.
@@ -322,6 +323,7 @@ class L7Server:
         self._open: set[Http1Protocol] = set()                 # open connections
         self._status: asyncio.AbstractServer | None = None
         self._status_path = Path(cfg.status_socket) if cfg.status_socket else None
+        self._retired: list[ZoneProxy] = []     # replaced by adopt(), closed later
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -390,8 +392,9 @@ class L7Server:
         for protocol in open_:
             protocol.abort()  # the server is stopping: no goodbye
         await asyncio.gather(*(p.done for p in open_), return_exceptions=True)
-        for proxy in self._proxies.values():
+        for proxy in [*self._proxies.values(), *self._retired]:
             await proxy.close()
+        self._retired = []
         if self._own_cache and self.cache is not None:
             self.cache.close()  # its disk objects go; their key was only in memory
             self.cache = None
@@ -402,6 +405,42 @@ class L7Server:
             self._status = None
             with contextlib.suppress(FileNotFoundError):
                 self._status_path.unlink()
+
+    def can_adopt(self, cfg: ServeConfig) -> bool:
+        """Whether `cfg` differs from this server's only where adopt() can
+        follow without a restart: the zones."""
+        return cfg.model_copy(update={"zones": self.cfg.zones}) == self.cfg
+
+    def adopt(self, new: L7Server) -> None:
+        """Serve `new`'s zones from now on, on this server's listeners and open
+        connections, with its cache, counters and challenge key: what a
+        network generation changes, with no connection refused or cut. Run
+        on this server's loop; `new` was built with this server's counters
+        and cache, and not started.
+
+        A handshake picks its zone with the new contexts from here on; a
+        request on an open connection is answered by the new zone settings,
+        or 421 if its zone is gone. The replaced zones' origin pools close
+        after RETIRE_GRACE, once requests still waiting on them are done."""
+        if new.counters is not self.counters or not self.can_adopt(new.cfg):
+            raise ValueError("adopt() takes a server built with this one's counters whose "
+                             "config differs only in its zones")
+        self.counters.add_zones(z.name for z in new.cfg.zones)
+        for proxy in new._proxies.values():
+            proxy.cache, proxy.challenge = self.cache, self.challenge
+        retired = list(self._proxies.values())
+        self.cfg, self.guard, self.observer = new.cfg, new.guard, new.observer
+        self._contexts, self._zone_of, self._proxies = new._contexts, new._zone_of, new._proxies
+        self._retired += retired
+        asyncio.get_running_loop().call_later(RETIRE_GRACE, self._close_retired, retired)
+
+    def _close_retired(self, proxies: list[ZoneProxy]) -> None:
+        for proxy in proxies:
+            if proxy in self._retired:
+                self._retired.remove(proxy)
+                task = asyncio.create_task(proxy.close())
+                self._connections.add(task)
+                task.add_done_callback(self._connections.discard)
 
     def _listen(self, listener: socket.socket, plain: bool) -> None:
         if listener.fileno() < 0:  # closed by stop() while backing off
@@ -548,10 +587,12 @@ class L7Server:
         if not _target_matches_host(request.target, request.host):
             self.counters.request_error(RequestError.MALFORMED)
             return Response(400, b"400 Bad Request\n", close=True)
-        if tls and not self.guard.by_host(request.host, zone).serve:
+        proxy = self._proxies.get(zone)
+        if proxy is None or (tls and not self.guard.by_host(request.host, zone).serve):
+            # (no proxy: the zone is no longer served here, since a new config)
             self.counters.refused(Refusal.MISDIRECTED)
             return Response(421, b"this connection does not serve that host\n")
-        return self._proxies[zone].handle(request, client, tls)
+        return proxy.handle(request, client, tls)
 
     async def _serve_status(self, reader: asyncio.StreamReader,
                             writer: asyncio.StreamWriter) -> None:
@@ -656,6 +697,15 @@ class ServerThread:
         if self._thread.is_alive():
             self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def adopt(self, new: L7Server, timeout: float = 10.0) -> None:
+        """L7Server.adopt on the server's loop; returns once it is done."""
+        async def adopt() -> None:
+            self.server.adopt(new)
+
+        if self._loop is None:
+            raise ServeError("the L7 server is not running")
+        asyncio.run_coroutine_threadsafe(adopt(), self._loop).result(timeout)
 
     def _run(self) -> None:
         run_loop(self._main())

@@ -175,3 +175,20 @@ def test_a_deny_added_between_the_check_and_the_swap_is_kept(dc: Dc) -> None:
         dc.agent.network.discard(staged)
     assert dc.verdicts(OTHER) == [XDP_DROP, XDP_DROP]
     assert dc.verdicts(ATTACKER) == [XDP_DROP, XDP_DROP]
+
+
+def test_a_generation_that_cannot_be_kept_on_disk_is_rolled_back(dc: Dc, monkeypatch) -> None:
+    """What a restart would apply is kept before an apply is reported done;
+    a disk that refuses it leaves the DC on its generation before."""
+    dc.agent.apply_network(dc.network("g1", ["192.0.2.0/24"]))
+
+    def disk_full(staged) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dc.agent.network, "commit", disk_full)
+    with pytest.raises(ApiError) as e:
+        dc.agent.apply_network(dc.network("g2", ["198.51.100.0/24"]))
+    assert e.value.status == 500 and "No space left" in str(e.value)
+    assert dc.verdicts(OTHER) == [XDP_PASS, XDP_PASS]
+    assert dc.verdicts(ATTACKER) == [XDP_DROP, XDP_DROP]
+    assert dc.agent.network_info()["generation"] == 1

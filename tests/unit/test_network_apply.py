@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from agent.daemon import Agent
+from agent.l7.proxy import TRACE_PATH
 from agent.metrics.server import TlsFiles
 from control import audit, pki
 from control.generations import GenerationStore
@@ -170,6 +171,8 @@ def test_apply_reaches_every_dc_and_changes_what_they_serve(net: Net, capsys) ->
     assert [(e["action"], e["diff"]["generation"]) for e in entries] == [("apply", 1),
                                                                        ("apply", 2)]
     assert all(entries[-1]["results"][dc]["generation"] == 2 for dc in DCS)
+    assert entries[-1]["diff"]["diff"] == dict.fromkeys(
+        DCS, "deny +1 -0 prefixes; zones added: shop; keys added: shop")
     assert audit.verify(net.tmp / "audit.jsonl").ok
     # The agents audited it too, by number and hash, not by its lists.
     agent_log = entries_of(net.tmp / "dus" / "audit.jsonl")
@@ -301,3 +304,35 @@ def test_status_finds_the_dcs_in_the_last_generation_and_names_one_behind(net: N
     assert out[0].startswith("dus: region eu; network generation 2; no link")
     assert out[1].startswith("fra: region eu; network generation 1 (behind: the network is "
                              "at 2); no link")
+
+
+def test_new_zones_are_adopted_without_cutting_a_connection(net: Net) -> None:
+    """A generation that changes zones reaches the running front end: the
+    listener stays, an open kept-alive connection goes on being answered
+    (421 once its zone is gone), and the counters go on."""
+    a = net.agents["dus"]
+    assert main([*net.argv(), "apply", str(net.write("v1", ["www"], []))]) == 0
+    address, port = a.front.addresses[0]
+    ctx = ssl.create_default_context(cafile=str(net.zones_ca))
+    conn = http.client.HTTPSConnection("www.example.com", port, timeout=TIMEOUT, context=ctx)
+    conn.sock = ctx.wrap_socket(socket.create_connection((address, port), TIMEOUT),
+                                server_hostname="www.example.com")
+    sock = conn.sock
+
+    def trace() -> int:
+        conn.request("GET", TRACE_PATH)
+        r = conn.getresponse()
+        r.read()
+        return r.status
+
+    assert trace() == 200
+    assert main([*net.argv(), "apply", str(net.write("v2", ["www", "shop"], []))]) == 0
+    assert a.front.addresses[0] == (address, port)
+    assert trace() == 200 and conn.sock is sock          # the same connection
+    assert handshake(a, net.zones_ca, "shop.example.com")
+    assert main([*net.argv(), "apply", str(net.write("v3", ["shop"], []))]) == 0
+    assert trace() == 421 and conn.sock is sock
+    assert not handshake(a, net.zones_ca, "www.example.com")
+    conn.close()
+    counts = a.front.counters.snapshot()
+    assert counts["requests"]["www"] == 2 and counts["requests"]["shop"] == 0
