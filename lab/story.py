@@ -666,7 +666,8 @@ class Story:
         code, results, err = net("apply", str(changed))
         show(results)
         after = statuses()
-        row(f"GET {path} via each DC", f"{before} before, {after} after")
+        via = ", ".join(self.topo.dc_names())
+        row(f"its status via {via}", f"{before} before, {after} after")
         self.expect(code == 0 and all(r["ok"] for r in results.values()),
                     f"the apply did not reach every DC: {err.strip()}")
         self.expect(after == [403] * len(after), f"the block is not enforced everywhere: {after}")
@@ -681,7 +682,7 @@ class Story:
         code, results, err = net("apply", str(lab.network_file))
         show(results)
         restored = statuses()
-        row(f"GET {path} via each DC", f"{restored}")
+        row(f"its status via {via}", f"{restored}")
         self.expect(code == 0 and restored == before,
                     f"the lab's own network did not take the block away: {restored}")
         gens = {r.get("generation") for r in results.values()}
@@ -701,7 +702,8 @@ class Story:
                   "was served only in the EU,\n        the backbone carried no plaintext, "
                   "the denylisted attacker was dropped at the edge,\n        the L7 "
                   "pipeline cached, blocked and challenged as configured, and the core\n"
-                  "        got metrics by closed labels and www's logs, encrypted")
+                  "        got metrics by closed labels and www's logs, encrypted; one file\n"
+                  "        changed every DC, and a mistake in it none")
         else:
             print(f"RESULT: FAIL, step {', '.join(failed)} of {len(self.results)} failed "
                   f"({seconds:.1f} s): see above;\n        to look around afterwards, run the "

@@ -51,15 +51,15 @@ def test_the_story_passes_and_leaves_nothing(prefix: str, capsys):
     out = capsys.readouterr().out
     assert rc == 0, out
     steps = re.findall(r"^\[(\d)\] .*$", out, re.M)
-    assert steps == ["1", "2", "3", "4", "5", "6", "7"], out
-    assert len(re.findall(r"^    PASS  ", out, re.M)) == 7, out
+    assert steps == ["1", "2", "3", "4", "5", "6", "7", "8"], out
+    assert len(re.findall(r"^    PASS  ", out, re.M)) == 8, out
     assert "FAIL" not in out, out
     # 1: the topology, compactly
     assert re.search(r"^    dus   eu      Düsseldorf ", out, re.M), out
     assert re.search(r"^    attacker .* iad   \(denylisted\)$", out, re.M), out
     # 2 and 3: who answered Katerina, before and after her drive
-    step2, step3, step4, step5, step6, step7 = (out.split(f"[{n}] ")[1].split("\n[")[0]
-                                                for n in (2, 3, 4, 5, 6, 7))
+    step2, step3, step4, step5, step6, step7, step8 = (
+        out.split(f"[{n}] ")[1].split("\n[")[0] for n in (2, 3, 4, 5, 6, 7, 8))
     assert step2.count("200  dus (eu), zone") == 2, step2
     assert re.search(r"dus inet0 in_region +\+[1-9]", step2), step2
     assert "shop-eu +1, www +1" in step2, step2
@@ -89,8 +89,13 @@ def test_the_story_passes_and_leaves_nothing(prefix: str, capsys):
     assert re.search(r"e\.g\. GET /static/demo-\w+\.css 200 (hit|miss) from 203\.0\.113\.10 "
                      r"via dus", step7), step7
     assert "the same read with shop-eu's certificate: HTTP 403" in step7, step7
+    # 8: one apply reaches every DC; a mistake reaches none; the lab's own file undoes it
+    assert "[200, 200, 200] before, [403, 403, 403] after" in step8, step8
+    assert re.search(r"^    iad +generation 1 in \d+ ms$", step8, re.M), step8
+    assert "is not an IPv4 or IPv6 prefix" in step8, step8
+    assert "every DC at generation 2; the mistake changed nothing anywhere" in step8, step8
     # the summary and the verdict
-    assert re.search(r"^RESULT: PASS, all 7 steps", out, re.M), out
+    assert re.search(r"^RESULT: PASS, all 8 steps", out, re.M), out
     assert f"removed lab {prefix}: 3 agents stopped, 10 namespaces" in out, out
     assert leftovers(prefix) == []
 
