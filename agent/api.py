@@ -28,7 +28,6 @@ import json
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from http.server import BaseHTTPRequestHandler
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Protocol
@@ -44,7 +43,7 @@ from control import ops
 from control.audit import AuditError, AuditLog
 from control.roles import API_PORT, RANK, Caller, caller_of
 from control.status import gather
-from control.tlshttp import TlsHttpServer, TlsService
+from control.tlshttp import JsonHandler, TlsHttpServer, TlsService
 
 MAX_BODY = 1 << 20              # a deny request of ~20,000 prefixes; lists go as generations
 MAX_GENERATION_BODY = 256 << 20   # an admin's generation: lists of millions of prefixes
@@ -257,21 +256,12 @@ class AgentApi:
         return status, answer
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
     server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        self.connection.do_handshake()  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Requests are audited, not logged."""
 
     def _serve(self) -> None:
         try:
-            der = self.connection.getpeercert(binary_form=True)  # type: ignore[attr-defined]
-            caller = caller_of(der)
+            caller = caller_of(self.peer_certificate())
             path, _, query = self.path.partition("?")
             # Only an admin's generation may be large; the rest is small.
             limit = (MAX_GENERATION_BODY if path == "/v1/generation" and caller.role == "admin"
@@ -289,12 +279,7 @@ class _Handler(BaseHTTPRequestHandler):
             status, answer = e.status, {"error": str(e)}
         except ValueError:
             status, answer = 400, {"error": "the body is not a JSON object"}
-        data = json.dumps(answer, sort_keys=True).encode() + b"\n"
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, answer)
 
     do_GET = do_POST = do_DELETE = _serve
 

@@ -17,32 +17,23 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from http.server import BaseHTTPRequestHandler
 
 from agent.config import ConfigError
 from agent.metrics.tls import TlsFiles, client_context, server_context
 from control.generations import GenerationStore
 from control.pki import DOMAIN
 from control.roles import caller_of
-from control.tlshttp import TlsHttpServer, TlsService
+from control.tlshttp import JsonHandler, TlsHttpServer, TlsService
 
 PATH = "/v1/generation/current"
 AGENT_SUFFIX = f".dc.{DOMAIN}"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class _Handler(JsonHandler):
     server: _Server
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.do_handshake()  # type: ignore[attr-defined]
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Nothing to log: reads only."""
-
     def do_GET(self) -> None:
-        caller = caller_of(self.connection.getpeercert(binary_form=True))  # type: ignore
+        caller = caller_of(self.peer_certificate())
         status, payload = 200, None
         if not (caller.name.endswith(AGENT_SUFFIX) or caller.role is not None):
             status, answer = 403, {"error": "only agents and operators read generations"}
@@ -55,12 +46,7 @@ class _Handler(BaseHTTPRequestHandler):
                 status, answer = 500, {"error": str(e)}
             if status == 200 and payload is None:
                 status, answer = 404, {"error": "no generation applied yet"}
-        data = json.dumps(payload if status == 200 else answer).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.send_json(status, payload if status == 200 else answer)
 
 
 class _Server(TlsHttpServer):

@@ -1,5 +1,6 @@
 """The HTTPS server of the network's own mTLS services: an agent's /metrics
-(agent/metrics/server.py) and the core's log store (core/server.py).
+(agent/metrics/server.py) and API (agent/api.py), the core's log store
+(core/server.py) and the control plane's generations (control/genserver.py).
 
 ThreadingHTTPServer with these changes:
 
@@ -33,6 +34,7 @@ deadline is mixed into them (HeadDeadline) when the server is made.
 from __future__ import annotations
 
 import errno
+import json
 import socket
 import socketserver
 import ssl
@@ -101,6 +103,29 @@ class HeadDeadline(BaseHTTPRequestHandler):
         finally:   # the head is in (or refused): the body has per-read timeouts only
             self.connection.head_deadline = None
             self.connection.settimeout(self.server.client_timeout)
+
+
+class JsonHandler(HeadDeadline):
+    """A handler of the network's mTLS JSON endpoints (the agent's API, the
+    control plane's generations): keep-alive, no access log (who asked for
+    what is audited where it changes something), JSON answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:
+        """No access log."""
+
+    def peer_certificate(self) -> bytes:
+        """The client's certificate, DER (the server requires one)."""
+        return self.connection.getpeercert(binary_form=True)  # type: ignore[return-value]
+
+    def send_json(self, status: int, obj: object) -> None:
+        data = json.dumps(obj, sort_keys=True).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class TlsHttpServer(ThreadingHTTPServer):
