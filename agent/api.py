@@ -269,6 +269,8 @@ class _Handler(JsonHandler):
             length = int(self.headers.get("Content-Length") or 0)
             if length > limit:
                 raise ApiError(413, f"body over {limit} bytes")
+            if length < 0:
+                raise ApiError(400, "Content-Length must not be negative")
             raw = self.rfile.read(length) if length else b"{}"
             body = json.loads(raw)
             if not isinstance(body, dict):

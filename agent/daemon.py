@@ -41,6 +41,7 @@ from agent.l7.server import L7Server, ServeError, ServerThread, run_in_thread
 from agent.libbpf import BpfError
 from agent.logs.config import LogsConfig, load_logs_config
 from agent.logs.metrics import LogsCollector
+from agent.logs.router import region_problems
 from agent.logs.service import LogService
 from agent.maps import LayoutError
 from agent.metrics.config import MetricsConfig, load_metrics_config
@@ -48,7 +49,7 @@ from agent.metrics.l7 import L7Collector
 from agent.metrics.service import MetricsService
 from agent.metrics.xdp import XdpCollector
 from agent.netgen import Identity, NetworkState, Rendered, Staged, render
-from agent.node import NodeError
+from agent.node import Node, NodeError
 from agent.prefixes import PrefixError
 from agent.rules import NetworkShare, RuleSet, ruleset_from_config
 from agent.xdp_link import LinkError
@@ -97,23 +98,22 @@ class LinkPlan:
 
     link: Link
     stamp: tuple[int, int] | None      # of the rule set read (agent/catalog.py)
-    old: RuleSet | None
     rules: RuleSet
     compiled: Compiled
 
-    def swap(self, share: NetworkShare) -> tuple[RuleSet | None, dict]:
-        """Swap the link to its new generation; returns what it had and the
-        report. An operator's change since the check (a deny added) is
-        kept: the rules are made again from the rule set now there."""
+    def swap(self, share: NetworkShare) -> dict:
+        """Swap the link to its new generation; returns the report. An
+        operator's change since the check (a deny added) is kept: the rules
+        are made again from the rule set now there."""
         node = self.link.node
         with node.lock():
             if catalog.stamp(node.run_dir) == self.stamp:
-                old, rules, compiled = self.old, self.rules, self.compiled
+                rules, compiled = self.rules, self.compiled
             else:
-                old = catalog.load(node.run_dir)
-                rules = ruleset_from_config(self.link.cfg, old, None, share)
+                rules = ruleset_from_config(self.link.cfg, catalog.load(node.run_dir), None,
+                                            share)
                 compiled = None
-            return old, apply_generation(node, rules, compiled=compiled)
+            return apply_generation(node, rules, compiled=compiled)
 
 
 class Link:
@@ -208,6 +208,7 @@ class Agent:
         self.network = NetworkState(self.api_cfg.generations_dir) if self.api_cfg else None
         self.staged: Staged | None = None         # the network generation enforced,
         self.rendered: Rendered | None = None     # and this DC's share of it
+        self.pulled = False                       # staged is pulled, not yet kept
         self.changing = threading.Lock()          # one apply or reload at a time
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -397,6 +398,7 @@ class Agent:
         this agent stops the start (never an empty rule set instead)."""
         if self.network is None:
             return
+        self.network.clean()
         staged = self.network.current()
         if staged is None:
             phase("network", f"no network generation in {self.network.directory} yet: "
@@ -437,19 +439,38 @@ class Agent:
             return
         try:
             rendered = render(staged, self.identity(), self.serve_local)
-            for link in self.links:
-                compile_rules(ruleset_from_config(link.cfg, None, None, rendered.share), 0)
+            for link in self.links:   # with the operator's entries the link keeps
+                keep = catalog.load(Node(link.cfg.interface, link.cfg.bpffs,
+                                         link.cfg.run_dir).run_dir)
+                compile_rules(ruleset_from_config(link.cfg, keep, None, rendered.share), 0)
             if rendered.serve is not None:
                 L7Server(rendered.serve)
-        except FAILURES as e:
+                problems = (region_problems(self.logs_cfg, {z.name: z.region
+                                                            for z in rendered.serve.zones})
+                            if self.logs_cfg else [])
+                if problems:   # the front end would not start with it
+                    raise ConfigError("logs config: " + "; ".join(problems))
+        except Exception as e:   # whatever it is, the stored generation stays in force
             self.network.discard(staged)
             phase("network", f"pulled generation {number} refused, keeping "
                              f"{have or 'the configs'}: {e}")
             return
-        self.staged, self.rendered = self.network.commit(staged), rendered
+        # Kept (what the next start applies) once the links and the front
+        # end have started with it: keep_pulled().
+        self.staged, self.rendered, self.pulled = staged, rendered, True
         if rendered.serve is not None:
             self.serve_cfg = rendered.serve
         phase("network", f"generation {number} pulled from the control plane")
+
+    def keep_pulled(self) -> None:
+        if not self.pulled or self.network is None or self.staged is None:
+            return
+        self.pulled = False
+        try:
+            self.staged = self.network.commit(self.staged)
+        except OSError as e:
+            phase("network", f"generation {self.staged.number} is enforced but could not be "
+                             f"kept ({e}); the next start pulls it again")
 
     def network_info(self) -> dict:
         r = self.rendered
@@ -474,7 +495,8 @@ class Agent:
         with self.changing:
             current = self.rendered
             number = payload.get("number") if isinstance(payload, dict) else None
-            if current is not None and isinstance(number, int):
+            if current is not None and isinstance(number, int) \
+                    and not isinstance(number, bool):
                 if number < current.number:
                     raise ApiError(409, f"stale: generation {number} is older than this "
                                         f"DC's {current.number}")
@@ -507,17 +529,17 @@ class Agent:
         steps.mark("checked")
         report: dict = {"generation": staged.number, "dry_run": dry,
                         "front": "unchanged" if front is None else "new zones",
-                        "left_out": list(rendered.left_out), "steps": steps.done}
+                        "left_out": list(rendered.left_out), "steps": steps.done, "links": {}}
         if dry:
             return {**report, "apply_s": steps.total()}
-        before: list[tuple[Link, RuleSet | None]] = []
-        old_front = self.serve_cfg
+        swapped: list[Link] = []
+        old_front, old_share = self.serve_cfg, self.rendered.share if self.rendered else None
         try:
             for plan in plans:
-                old, applied = plan.swap(rendered.share)
-                before.append((plan.link, old))
-                report[plan.link.cfg.interface] = {"bpf_generation": applied["generation"],
-                                                   "seconds": applied["total_s"]}
+                swapped.append(plan.link)   # before: a swap that fails half-way is put back too
+                applied = plan.swap(rendered.share)
+                report["links"][plan.link.cfg.interface] = {
+                    "bpf_generation": applied["generation"], "seconds": applied["total_s"]}
             steps.mark("links swapped")
             if front is not None:
                 self.swap_front(front)
@@ -528,10 +550,11 @@ class Agent:
                 if front is not None and old_front is not None:
                     self.swap_front(old_front)
                 raise ServeError(f"could not keep the generation ({e})") from None
-        except FAILURES as e:
-            self._restore(before)
+        except Exception as e:   # whatever it was, the DC goes back whole
+            self._restore(swapped, old_share)
+            why = str(e) if isinstance(e, FAILURES) else f"{type(e).__name__}: {e}"
             raise ApiError(500, f"failed, rolled back to generation "
-                                f"{self.rendered.number if self.rendered else 0}: {e}") from None
+                                f"{self.rendered.number if self.rendered else 0}: {why}") from None
         self.rendered = rendered
         steps.mark("kept")
         phase("network", f"generation {staged.number} applied in {steps.total()}s: "
@@ -549,20 +572,22 @@ class Agent:
             rules = ruleset_from_config(link.cfg, old, None, share)
             check_fixed_sizes(node, rules)
             compiled = compile_rules(rules, node.active().generation + 1)
-        return LinkPlan(link, stamp, old, rules, compiled)
+        return LinkPlan(link, stamp, rules, compiled)
 
-    def _restore(self, before: list[tuple[Link, RuleSet | None]]) -> None:
-        """Put links back on the rules they had; a link that cannot be put
-        back is named (the DC is then half-applied, and says so)."""
+    def _restore(self, links: list[Link], share: NetworkShare | None) -> None:
+        """Put links back on the network generation they had (`share`; None:
+        their configs' own lists), over the rule set there now, so an
+        operator's deny made meanwhile stays. A link that cannot be put back
+        is named: the DC is then half-applied, and says so."""
         stuck = []
-        for link, old in reversed(before):
-            if old is None:
-                continue
+        for link in reversed(links):
             try:
                 with link.node.lock():
-                    apply_generation(link.node, old)
-            except FAILURES as e:
-                stuck.append(f"{link.cfg.interface}: {e}")
+                    rules = ruleset_from_config(link.cfg, catalog.load(link.node.run_dir),
+                                                None, share)
+                    apply_generation(link.node, rules)
+            except Exception as e:
+                stuck.append(f"{link.cfg.interface}: {type(e).__name__}: {e}")
         if stuck:
             raise ApiError(500, "HALF-APPLIED: could not roll back " + "; ".join(stuck))
 
@@ -589,6 +614,7 @@ class Agent:
         self.warm_neighbours()
         self.start_logs()
         self.start_front()
+        self.keep_pulled()
         self.start_metrics()
         self.start_api()
         phase("ready", f"{len(self.links)} link(s) protected"
@@ -605,6 +631,7 @@ class Agent:
             if time.monotonic() - last_warm > NEIGHBOUR_SECONDS:
                 self.warm_neighbours()
                 last_warm = time.monotonic()
+        self.changing.acquire()   # an apply under way ends first; none starts after
         if self.api:
             self.api.stop()
         if self.metrics:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -192,7 +193,13 @@ def install(node: Node, inner: dict[str, int], generation: int) -> float:
         raise
     node.set_active(idle, generation)
     synchronize_rcu()
-    clear_slot(node, live)
+    try:
+        clear_slot(node, live)
+    except lb.BpfError as e:
+        # The new generation is live: only memory is held longer. The next
+        # swap writes these slots anyway.
+        print(f"privedge: {node.ifname}: the old generation's maps stay referenced "
+              f"until the next swap: {e}", file=sys.stderr, flush=True)
     return time.perf_counter() - t0
 
 

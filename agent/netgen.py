@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +83,18 @@ class NetworkState:
         """Unpack into a fresh staging directory and validate whole; ConfigError
         lists every problem (the staging directory is then removed)."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        staging = self.directory / f"staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(mode=0o700)
+        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=self.directory))
         try:
             return Staged(unpack(payload, staging), staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+
+    def clean(self) -> None:
+        """Staging left by an agent that stopped mid-apply (at start: one
+        agent per directory)."""
+        for p in self.directory.glob("staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def discard(self, staged: Staged) -> None:
         if staged.directory.name.startswith("staging-"):
@@ -104,20 +109,26 @@ class NetworkState:
         if staged.directory != final:
             shutil.rmtree(final, ignore_errors=True)
             (staged.directory / PAYLOAD).write_text(json.dumps(staged.generation.payload))
+            for path in [*staged.directory.rglob("*"), staged.directory]:
+                _fsync(path)    # on disk before `current` names them
             os.rename(staged.directory, final)
         tmp = self.directory / f"{CURRENT}.tmp"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(final.name)
         os.replace(tmp, self.directory / CURRENT)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(self.directory)
         for p in self.directory.glob("gen-*"):
             if p.name not in (final.name, previous):
                 shutil.rmtree(p, ignore_errors=True)
         return Staged(staged.generation, final)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

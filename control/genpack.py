@@ -12,7 +12,9 @@ files carried inside, numbered and hashed.
 The control plane validates the file whole before packing, and the agent
 validates again after unpacking (it trusts no sender to have checked): the
 list files are written under the generation's own directory, whose names
-the packer chose, so a document cannot point an agent at a path of its own.
+the packer chose, so a document's lists never name a path on the agent.
+(Other paths in it are the network's own settings, an origin's ca_file:
+paths on every agent, which an admin sets.)
 """
 
 from __future__ import annotations

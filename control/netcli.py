@@ -145,7 +145,7 @@ def _report(results: dict[str, Result], as_json: bool) -> int:
     return 0 if all(r.ok for r in results.values()) else 1
 
 
-REFUSED = (409, 422)      # the agent checked the generation and changed nothing
+APPLY_TIMEOUT = 120.0     # seconds: a DC applying a list of millions is still answering
 
 
 def _audit(args: argparse.Namespace, action: str, body: dict,
@@ -171,7 +171,8 @@ def _apply(args: argparse.Namespace) -> int:
     try:
         current = store.current()
         payload, net = pack(args.file, store.next_number())
-        fleet = Fleet.from_network(net, credentials(args.pki, args.operator), args.port)
+        fleet = Fleet.from_network(net, credentials(args.pki, args.operator), args.port,
+                                   APPLY_TIMEOUT)
     except ConfigError as e:
         print(e, file=sys.stderr)
         print("privedge-net: nothing was sent", file=sys.stderr)
@@ -200,14 +201,21 @@ def _apply(args: argparse.Namespace) -> int:
     if args.dry_run:
         return _report(fleet.call("POST", "/v1/generation?dry_run=1", payload), args.json)
     if payload is not current:
-        store.save(payload)
+        try:
+            store.save(payload)   # what the network should be at, before any DC hears of it
+        except (ConfigError, OSError) as e:
+            print(f"privedge-net: {e}; nothing was sent", file=sys.stderr)
+            return 1
     results = fleet.call("POST", "/v1/generation", payload)
     code = _report(results, args.json)
-    if all(r.status in REFUSED for r in results.values()) and payload is not current:
-        # No DC can take it: it is not what the network should be at.
+    if payload is not current and all(r.status != 0 and not r.ok for r in results.values()):
+        # Every DC answered and none took it: it is not what the network
+        # should be at. (DCs that did not answer will pull it, so with any
+        # of those it stays.)
         store.set_current(current["number"] if current else None)
         print(f"privedge-net: generation {payload['number']} was refused by every DC; the "
-              f"network stays at {current['number'] if current else 'none'}", file=sys.stderr)
+              f"store's current stays {current['number'] if current else 'none'}",
+              file=sys.stderr)
     body = {"generation": payload["number"], "sha256": payload["sha256"],
             "file": str(args.file), "diff": summaries}
     return _audit(args, "apply", body, results) or code
@@ -225,7 +233,7 @@ def _reconcile(args: argparse.Namespace) -> int:
         opened = open_payload(payload)
         opened.close()
         fleet = Fleet.from_network(opened.generation.net, credentials(args.pki, args.operator),
-                                   args.port)
+                                   args.port, APPLY_TIMEOUT)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1

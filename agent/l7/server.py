@@ -312,8 +312,16 @@ class L7Server:
         self.challenge = Challenge()
         self.cache = cache
         self._own_cache = cache is None
-        self._proxies = {z.name: ZoneProxy(cfg, z, self.counters, countries, self.challenge)
-                         for z in cfg.zones if z.name in self.guard.servable}
+        self._proxies = {}
+        for z in cfg.zones:
+            if z.name not in self.guard.servable:
+                continue
+            try:
+                self._proxies[z.name] = ZoneProxy(cfg, z, self.counters, countries,
+                                                  self.challenge)
+            except (OSError, ssl.SSLError) as e:   # the origin's ca_file, say
+                raise ServeError(f"zone {z.name}: its origin's TLS settings do not load: "
+                                 f"{e}") from None
         self._front = tls_context(resumption=cfg.tls_resumption)
         self._front.sni_callback = self._on_sni
         self._listeners: list[socket.socket] = []
@@ -428,6 +436,11 @@ class L7Server:
         self.counters.add_zones(z.name for z in new.cfg.zones)
         for proxy in new._proxies.values():
             proxy.cache, proxy.challenge = self.cache, self.challenge
+        # A handshake under way chose one of the old contexts: its zone, if
+        # still served, is still found (only this one previous set is kept).
+        for zone, ctx in self._contexts.items():
+            if zone in new._proxies:
+                new._zone_of.setdefault(ctx, zone)
         retired = list(self._proxies.values())
         self.cfg, self.guard, self.observer = new.cfg, new.guard, new.observer
         self._contexts, self._zone_of, self._proxies = new._contexts, new._zone_of, new._proxies
@@ -705,7 +718,13 @@ class ServerThread:
 
         if self._loop is None:
             raise ServeError("the L7 server is not running")
-        asyncio.run_coroutine_threadsafe(adopt(), self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(adopt(), self._loop)
+        try:
+            future.result(timeout)
+        except TimeoutError:
+            if future.cancel():   # it never ran: the old zones are still served
+                raise
+            future.result()       # it is running or ran: its outcome is the truth
 
     def _run(self) -> None:
         run_loop(self._main())

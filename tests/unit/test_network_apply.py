@@ -336,3 +336,23 @@ def test_new_zones_are_adopted_without_cutting_a_connection(net: Net) -> None:
     conn.close()
     counts = a.front.counters.snapshot()
     assert counts["requests"]["www"] == 2 and counts["requests"]["shop"] == 0
+
+
+def test_a_zone_whose_origin_settings_do_not_load_is_refused_everywhere(net: Net,
+                                                                        capsys) -> None:
+    """An origin CA file missing on the agents: each refuses the generation
+    whole (422, nothing changed) and the store's current stays."""
+    assert main([*net.argv(), "apply", str(net.write("v1", ["www"], []))]) == 0
+    path = net.write("v2", ["www", "shop"], [])
+    doc = yaml.safe_load(path.read_text())
+    doc["zones"][1]["origin"] = {"url": "https://203.0.113.80",
+                                 "ca_file": str(net.tmp / "no-such-ca.crt")}
+    path.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert main([*net.argv(), "apply", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count("FAILED") == 2 and "nothing changed" in out and "shop" in out, out
+    assert "refused by every DC" in err
+    assert GenerationStore(net.tmp / "store").current_number() == 1
+    assert all(generation_of(net, dc) == 1 for dc in DCS)
+    assert not handshake(net.agents["dus"], net.zones_ca, "shop.example.com")
