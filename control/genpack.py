@@ -52,8 +52,11 @@ def pack(path: Path, number: int) -> tuple[dict, NetworkConfig]:
         for i, f in enumerate(section.get("files") or ()):
             source = Path(f) if Path(f).is_absolute() else path.parent / f
             name = f"lists/{kind}-{i}.txt"
-            with open(source, newline="") as f:     # the bytes' lines as they are (CRLF too)
-                files[name] = f.read()
+            try:
+                with open(source, newline="", encoding="utf-8") as text:   # CRLF kept too
+                    files[name] = text.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: {kind}.files[{i}]: {f!r}: {e}") from None
             names.append(name)
         if names:
             section["files"] = names
