@@ -19,8 +19,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from agent.config import ConfigError
 from control.genpack import Generation, check_payload, unpack
+from control.network import Dc
 from control.pki import write_file
 
 CURRENT = "current"
@@ -79,6 +82,15 @@ class GenerationStore:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_file(self.directory / f"{number}.json", json.dumps(payload).encode(), 0o600)
         write_file(self.directory / CURRENT, f"{number}\n".encode(), 0o600)
+
+
+def dc_addresses(payload: dict) -> dict[str, str]:
+    """Where each DC of a stored generation is (its backbone address), from
+    its `dcs` section alone: no list is unpacked to reach the DCs."""
+    try:
+        return {name: Dc.model_validate(dc).backbone for name, dc in payload["doc"]["dcs"].items()}
+    except (KeyError, AttributeError, ValidationError) as e:
+        raise ConfigError(f"generation {payload.get('number')}: dcs: {e}") from None
 
 
 @dataclass

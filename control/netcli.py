@@ -48,7 +48,7 @@ from agent.metrics.tls import TlsFiles
 from control import network
 from control.audit import AuditError, AuditLog, fingerprint
 from control.fleet import Fleet, Result, credentials
-from control.generations import GenerationStore, open_payload
+from control.generations import GenerationStore, dc_addresses, open_payload
 from control.genpack import content_hash, pack
 from control.render import diff
 from control.roles import API_PORT, CONTROL_PORT
@@ -230,10 +230,8 @@ def _reconcile(args: argparse.Namespace) -> int:
             print(f"privedge-net: no generation in {args.store} yet: apply one first",
                   file=sys.stderr)
             return 1
-        opened = open_payload(payload)
-        opened.close()
-        fleet = Fleet.from_network(opened.generation.net, credentials(args.pki, args.operator),
-                                   args.port, APPLY_TIMEOUT)
+        fleet = Fleet(dc_addresses(payload), credentials(args.pki, args.operator), args.port,
+                      APPLY_TIMEOUT)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
@@ -291,15 +289,15 @@ def _change(args: argparse.Namespace, fleet: Fleet, method: str, path: str, body
     return _audit(args, action, body, results) or code
 
 
-def _where_dcs_are(args: argparse.Namespace) -> network.NetworkConfig:
-    """--network, else the network as last applied, else ./network.yaml."""
+def _where_dcs_are(args: argparse.Namespace) -> dict[str, str]:
+    """DC -> its backbone address: from --network, else the network as last
+    applied, else ./network.yaml."""
     if args.network is None:
         current = GenerationStore(args.store).current()
         if current is not None:
-            opened = open_payload(current)
-            opened.close()
-            return opened.generation.net
-    return network.load_network(args.network or Path("network.yaml"))
+            return dc_addresses(current)
+    net = network.load_network(args.network or Path("network.yaml"))
+    return {name: dc.backbone for name, dc in net.dcs.items()}
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -337,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         return _serve(args)
     try:
-        net = _where_dcs_are(args)
-        fleet = Fleet.from_network(net, credentials(args.pki, args.operator), args.port)
+        fleet = Fleet(_where_dcs_are(args), credentials(args.pki, args.operator), args.port)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 1
