@@ -53,7 +53,7 @@ from agent.node import Node, NodeError
 from agent.prefixes import PrefixError
 from agent.rules import NetworkShare, RuleSet, ruleset_from_config
 from agent.xdp_link import LinkError
-from control.audit import AuditError, AuditLog
+from control.audit import AuditError, AuditLog, fingerprint
 from control.genserver import fetch_current
 
 SWEEP_SECONDS = 1.0
@@ -209,6 +209,7 @@ class Agent:
         self.staged: Staged | None = None         # the network generation enforced,
         self.rendered: Rendered | None = None     # and this DC's share of it
         self.pulled = False                       # staged is pulled, not yet kept
+        self.pulled_from = b""                    # the control plane's certificate (DER)
         self.changing = threading.Lock()          # one apply or reload at a time
         self.stop = threading.Event()
         self.reload = threading.Event()
@@ -421,8 +422,9 @@ class Agent:
             return
         have = self.rendered.number if self.rendered else 0
         try:
-            payload = fetch_current(control.address, control.port, control.name,
-                                    self.api_cfg.tls)  # type: ignore[union-attr]
+            payload, self.pulled_from = fetch_current(
+                control.address, control.port, control.name,
+                self.api_cfg.tls)  # type: ignore[union-attr]
         except (OSError, ssl.SSLError, ValueError) as e:
             phase("network", f"control plane {control.address}:{control.port} did not answer "
                              f"({e}); starting with generation {have or 'none'}")
@@ -471,6 +473,16 @@ class Agent:
         except OSError as e:
             phase("network", f"generation {self.staged.number} is enforced but could not be "
                              f"kept ({e}); the next start pulls it again")
+            return
+        control = self.api_cfg.control   # type: ignore[union-attr]
+        try:   # a change like an apply: in the agent's audit chain too
+            AuditLog(self.api_cfg.audit).append(   # type: ignore[union-attr]
+                f"control plane {control.name}", fingerprint(self.pulled_from),
+                "pull generation", {"number": self.staged.number,
+                                    "sha256": self.staged.generation.sha256},
+                {self.identity().dc: {"ok": True, "status": 200}})
+        except AuditError as e:
+            phase("network", f"generation {self.staged.number} pulled but not audited: {e}")
 
     def network_info(self) -> dict:
         r = self.rendered

@@ -63,22 +63,24 @@ class GenerationServer(TlsService):
 
 
 def fetch_current(url_host: str, port: int, name: str, tls: TlsFiles,
-                  timeout: float = 5.0) -> dict | None:
-    """The control plane's current generation, None while it has none.
-    Raises OSError (unreachable), ssl.SSLError or ValueError (a bad answer)."""
+                  timeout: float = 5.0) -> tuple[dict | None, bytes]:
+    """The control plane's current generation (None while it has none) and
+    the certificate it showed (DER, for the audit log). Raises OSError
+    (unreachable), ssl.SSLError or ValueError (a bad answer)."""
     ctx = client_context(tls)
     conn = http.client.HTTPSConnection(name, port, timeout=timeout, context=ctx)
     try:
         raw = socket.create_connection((url_host, port), timeout)
         conn.sock = ctx.wrap_socket(raw, server_hostname=name)
         conn.request("GET", PATH)
+        der = conn.sock.getpeercert(binary_form=True) or b""
         r = conn.getresponse()
         body = r.read()
         if r.status == 404:
-            return None
+            return None, der
         if r.status != 200:
             raise ValueError(f"HTTP {r.status}: {body[:200]!r}")
-        return json.loads(body)
+        return json.loads(body), der
     except http.client.HTTPException as e:
         raise ValueError(f"not HTTP: {e}") from None
     finally:

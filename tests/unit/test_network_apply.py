@@ -74,6 +74,7 @@ def start_agent(tmp: Path, dc: str, port: int, control: bool = False) -> Agent:
     a.load_stored_network()
     a.pull_network()
     a.start_front()
+    a.keep_pulled()
     a.start_api()
     return a
 
@@ -286,6 +287,10 @@ def test_an_agent_pulls_the_current_generation_at_start(net: Net) -> None:
         server.stop()
     assert generation_of(net, "fra") == 2
     assert handshake(a, net.zones_ca, "shop.example.com")
+    pulled = entries_of(net.tmp / "fra" / "audit.jsonl")[-1]
+    assert pulled["action"] == "pull generation" and pulled["diff"]["number"] == 2
+    assert pulled["who"] == "control plane core.privedge.internal"
+    assert pulled["certificate"] == audit.fingerprint((net.pki / "core" / "core.crt").read_text())
 
 
 def test_status_finds_the_dcs_in_the_last_generation_and_names_one_behind(net: Net,
