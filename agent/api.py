@@ -16,10 +16,11 @@ certificate from the network's CA required, the role in its OU (control/pki.py).
 
 A certificate from another CA, or expired, fails the handshake; one without
 an operator role (an agent's, a zone reader's) gets 403. Every request,
-refused or not, is appended to the agent's audit log (control/audit.py):
-who (the certificate's CN), its SHA-256 fingerprint, the action, what was
-asked, and the result. A change is checked whole before it is made: a bad
-prefix changes no link (control/ops.py). Request bodies are bounded.
+reads and dry runs and refusals included, is appended to the agent's audit
+log (control/audit.py): who (the certificate's CN), its SHA-256
+fingerprint, the action, what was asked, and the result. A change is
+checked whole before it is made: a bad prefix changes no link
+(control/ops.py). Request bodies are bounded.
 """
 
 from __future__ import annotations
@@ -134,13 +135,13 @@ class AgentApi:
     def route(self, method: str, path: str
               ) -> tuple[str, str, Callable[[dict, bool], dict]]:
         routes = {
-            ("GET", "/v1/status"): ("viewer", "status", self.status),
+            ("GET", "/v1/status"): ("viewer", "read status", self.status),
             ("POST", "/v1/deny"): ("operator", "deny add", self.deny_add),
             ("DELETE", "/v1/deny"): ("operator", "deny remove", self.deny_remove),
             ("POST", "/v1/allow"): ("operator", "allow add", self.allow_add),
             ("DELETE", "/v1/allow"): ("operator", "allow remove", self.allow_remove),
             ("POST", "/v1/purge"): ("operator", "purge", self.purge),
-            ("GET", "/v1/generation"): ("viewer", "status", self.generation),
+            ("GET", "/v1/generation"): ("viewer", "read generation", self.generation),
             ("POST", "/v1/generation"): ("admin", "apply generation", self.apply_generation),
         }
         if (method, path) not in routes:
@@ -226,7 +227,10 @@ class AgentApi:
 
     def handle(self, method: str, path: str, caller: Caller, body: dict,
                dry: bool = False) -> tuple[int, dict]:
-        """One request; `dry`: check it (?dry_run=1), change nothing, audit nothing."""
+        """One request, authorized by role and audited, whatever its outcome:
+        reads, dry runs (?dry_run=1: checked, nothing changed) and refusals
+        too. An answer that cannot be audited is a 500 saying whether
+        anything was changed."""
         status, action, answer = 500, f"{method} {path}", {}
         try:
             least, action, handler = self.route(method, path)
@@ -238,21 +242,22 @@ class AgentApi:
             status, answer = e.status, {"error": str(e)}
         except Exception as e:   # a bug: still answered, and the change still audited
             status, answer = 500, {"error": f"internal error ({type(e).__name__})"}
-        if action != "status" and not dry:   # changes, refused ones too
-            result = {"ok": status == 200, "status": status}
-            if status != 200:
-                result["error"] = answer["error"]
-            # A generation is audited by number and hash (its diff is in the
-            # control plane's audit log), not by its lists.
-            asked = ({k: body.get(k) for k in ("number", "sha256")}
-                     if action == "apply generation" else body)
-            try:
-                self.audit.append(caller.name, caller.certificate, action, asked,
-                                  {self.dc: result})
-            except AuditError as e:   # say so: a change nobody can see later is worse
-                return 500, {"error": f"not audited ({e}); the change "
-                                      f"{'was' if status == 200 else 'was not'} made",
-                             "result": answer}
+        result = {"ok": status == 200, "status": status}
+        if status != 200:
+            result["error"] = answer["error"]
+        # A generation is audited by number and hash (its diff is in the
+        # control plane's audit log), not by its lists.
+        asked = ({k: body.get(k) for k in ("number", "sha256")}
+                 if action == "apply generation" else body)
+        if dry:
+            asked = {**asked, "dry_run": True}
+        try:
+            self.audit.append(caller.name, caller.certificate, action, asked, {self.dc: result})
+        except AuditError as e:   # say so: what nobody can see later is worse
+            made = status == 200 and method != "GET" and not dry
+            return 500, {"error": f"not audited ({e}); "
+                                  + ("the change was made" if made else "nothing was changed"),
+                         "result": answer}
         return status, answer
 
 

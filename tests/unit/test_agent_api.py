@@ -75,11 +75,13 @@ def entries(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def test_a_viewer_reads_status_and_reads_are_not_audited(api, net: Path) -> None:
+def test_a_viewer_reads_status_and_the_read_is_audited(api, net: Path) -> None:
     server, log = api
     status, answer = call(server, net, "operators/alice", "GET", "/v1/status")
     assert status == 200 and answer["dc"] == "dus" and answer["front"]["dc"] == "dus"
-    assert answer["links"] == {} and entries(log) == []
+    assert answer["links"] == {}
+    assert [(e["who"], e["action"], e["results"]["dus"]["status"]) for e in entries(log)] == [
+        ("alice", "read status", 200)]
 
 
 def test_roles_decide_and_every_change_is_audited(api, net: Path) -> None:
@@ -154,7 +156,7 @@ def test_privedge_agent_run_api_serves_it(tmp_path: Path, net: Path) -> None:
         status, answer = call(a.api, net, "operators/alice", "GET", "/v1/status")
         assert status == 200 and answer["region"] == "eu"
         assert call(a.api, net, "operators/bob", "POST", "/v1/purge", {"zone": "www"})[0] == 200
-        assert audit.verify(tmp_path / "audit" / "api.jsonl").entries == 1
+        assert audit.verify(tmp_path / "audit" / "api.jsonl").entries == 2   # read, purge
     finally:
         a.api.stop()
         a.front.stop()
@@ -168,3 +170,5 @@ def test_a_change_that_cannot_be_audited_says_so(api, net: Path) -> None:
     status, answer = call(server, net, "operators/bob", "POST", "/v1/purge", {"zone": "www"})
     assert status == 500 and answer["error"].startswith("not audited")
     assert "the change was made" in answer["error"] and answer["result"] == {"purged": 0}
+    status, answer = call(server, net, "operators/alice", "GET", "/v1/status")
+    assert status == 500 and answer["error"].endswith("nothing was changed")

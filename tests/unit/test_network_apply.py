@@ -176,9 +176,10 @@ def test_apply_reaches_every_dc_and_changes_what_they_serve(net: Net, capsys) ->
         DCS, "deny +1 -0 prefixes; zones added: shop; keys added: shop")
     assert audit.verify(net.tmp / "audit.jsonl").ok
     # The agents audited it too, by number and hash, not by its lists.
-    agent_log = entries_of(net.tmp / "dus" / "audit.jsonl")
-    assert agent_log[-1]["action"] == "apply generation"
-    assert set(agent_log[-1]["diff"]) == {"number", "sha256"}
+    applies = [e for e in entries_of(net.tmp / "dus" / "audit.jsonl")
+               if e["action"] == "apply generation"]
+    assert [e["diff"]["number"] for e in applies] == [1, 2]
+    assert set(applies[-1]["diff"]) == {"number", "sha256"}
 
 
 def test_an_invalid_file_is_sent_nowhere_and_changes_nothing(net: Net, capsys) -> None:
@@ -225,8 +226,12 @@ def test_only_an_admin_applies_and_a_dry_run_changes_nothing(net: Net) -> None:
                           "/v1/generation?dry_run=1", payload, ca=net.pki / "ca.crt")
     assert status == 200 and answer["dry_run"] and answer["front"] == "new zones"
     assert generation_of(net, "dus") == 0 and not handshake(a, net.zones_ca, "shop.example.com")
-    log = [e["action"] for e in entries_of(net.tmp / "dus" / "audit.jsonl")]
-    assert log == ["apply generation"] * 3     # the refused ones; a dry run is not a change
+    log = [(e["who"], e["action"], e["results"]["dus"]["status"], e["diff"].get("dry_run"))
+           for e in entries_of(net.tmp / "dus" / "audit.jsonl")]
+    assert log == [("alice", "apply generation", 403, None), ("bob", "apply generation", 403, None),
+                   ("fra.dc.privedge.internal", "apply generation", 403, None),
+                   ("carol", "apply generation", 200, True),     # audited, marked a dry run
+                   ("alice", "read generation", 200, None)]
 
 
 def test_stale_conflicting_and_damaged_generations_are_refused(net: Net) -> None:
@@ -287,8 +292,9 @@ def test_an_agent_pulls_the_current_generation_at_start(net: Net) -> None:
         server.stop()
     assert generation_of(net, "fra") == 2
     assert handshake(a, net.zones_ca, "shop.example.com")
-    pulled = entries_of(net.tmp / "fra" / "audit.jsonl")[-1]
-    assert pulled["action"] == "pull generation" and pulled["diff"]["number"] == 2
+    [pulled] = [e for e in entries_of(net.tmp / "fra" / "audit.jsonl")
+                if e["action"] == "pull generation"]
+    assert pulled["diff"]["number"] == 2
     assert pulled["who"] == "control plane core.privedge.internal"
     assert pulled["certificate"] == audit.fingerprint((net.pki / "core" / "core.crt").read_text())
 
