@@ -192,3 +192,33 @@ def test_a_generation_that_cannot_be_kept_on_disk_is_rolled_back(dc: Dc, monkeyp
     assert dc.verdicts(OTHER) == [XDP_PASS, XDP_PASS]
     assert dc.verdicts(ATTACKER) == [XDP_DROP, XDP_DROP]
     assert dc.agent.network_info()["generation"] == 1
+
+
+def test_a_link_that_cannot_be_put_back_is_named_half_applied(dc: Dc, monkeypatch) -> None:
+    """The one case an apply cannot undo is said loudly, with each link's name."""
+    import agent.daemon as daemon
+    from agent.libbpf import BpfError
+
+    dc.agent.apply_network(dc.network("g1", ["192.0.2.0/24"]))
+    real, calls = daemon.apply_generation, []
+
+    def swaps_then_fails(node, rules, **kw):
+        calls.append(node.ifname)
+        if len(calls) > len(dc.links):      # the rollback's
+            raise BpfError("update pe_d4lpm slot 0", 12, "Cannot allocate memory (injected)")
+        return real(node, rules, **kw)
+
+    def front_fails(cfg) -> None:
+        raise ServeError("the front end did not start (injected)")
+
+    monkeypatch.setattr(daemon, "apply_generation", swaps_then_fails)
+    monkeypatch.setattr(dc.agent, "swap_front", front_fails)
+    monkeypatch.setattr(dc.agent, "check_front", lambda cfg: None)
+    g2 = dc.network("g2", ["198.51.100.0/24"])
+    g2 = pack_doc(dc.tmp, {**g2["doc"], "zones": [*g2["doc"]["zones"], {
+        "name": "shop", "hostnames": ["shop.example.com"]}]}, 2)
+    with pytest.raises(ApiError) as e:
+        dc.agent.apply_network(g2)
+    assert e.value.status == 500 and str(e.value).startswith("HALF-APPLIED")
+    assert "tr0: BpfError" in str(e.value) and "tr1: BpfError" in str(e.value)
+    assert dc.agent.network_info()["generation"] == 1     # not claimed as applied
