@@ -108,12 +108,8 @@ class LinkPlan:
         node = self.link.node
         with node.lock():
             if catalog.stamp(node.run_dir) == self.stamp:
-                rules, compiled = self.rules, self.compiled
-            else:
-                rules = ruleset_from_config(self.link.cfg, catalog.load(node.run_dir), None,
-                                            share)
-                compiled = None
-            return apply_generation(node, rules, compiled=compiled)
+                return apply_generation(node, self.rules, compiled=self.compiled)
+        return self.link.regenerate(self.link.cfg, None, share)
 
 
 class Link:
@@ -137,13 +133,18 @@ class Link:
             raise ConfigError(f"{self.config_path}: interface, netns, bpffs and run_dir cannot "
                               "change on reload; restart the agent")
 
+    def regenerate(self, cfg: NodeConfig, backbone: int | None,
+                   network: NetworkShare | None) -> dict:
+        """A new generation of `cfg` with `network` over it, on the rule set
+        there now (so the operator's entries stay); raises on failure."""
+        with self.node.lock():
+            rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir), backbone, network)
+            return apply_generation(self.node, rules)
+
     def apply(self, cfg: NodeConfig, backbone: int | None, network: NetworkShare | None) -> None:
         """Apply a checked config as one generation (backbone: fresh ifindex)."""
         try:
-            with self.node.lock():
-                rules = ruleset_from_config(cfg, catalog.load(self.node.run_dir), backbone,
-                                            network)
-                report = apply_generation(self.node, rules)
+            report = self.regenerate(cfg, backbone, network)
             self.cfg = cfg
             phase("reload", f"{cfg.interface}: generation {report['generation']} live in "
                             f"{report['total_s']}s")
@@ -318,8 +319,10 @@ class Agent:
         """Raise unless `cfg` could be served: every certificate loads, and
         each zone's logs may go where logs.yaml sends them."""
         L7Server(cfg)
-        if self.logs is not None:
-            self.logs.submitters(cfg)  # a zone now regional must log in its region
+        if self.logs_cfg is not None:   # also before the shippers start (a pulled generation)
+            problems = region_problems(self.logs_cfg, {z.name: z.region for z in cfg.zones})
+            if problems:   # a zone now regional must log in its region
+                raise ConfigError("logs config: " + "\n".join(problems))
 
     def swap_front(self, cfg: ServeConfig) -> None:
         """Serve a checked `cfg` instead of the current one. When only the
@@ -446,12 +449,7 @@ class Agent:
                                          link.cfg.run_dir).run_dir)
                 compile_rules(ruleset_from_config(link.cfg, keep, None, rendered.share), 0)
             if rendered.serve is not None:
-                L7Server(rendered.serve)
-                problems = (region_problems(self.logs_cfg, {z.name: z.region
-                                                            for z in rendered.serve.zones})
-                            if self.logs_cfg else [])
-                if problems:   # the front end would not start with it
-                    raise ConfigError("logs config: " + "; ".join(problems))
+                self.check_front(rendered.serve)
         except Exception as e:   # whatever it is, the stored generation stays in force
             self.network.discard(staged)
             phase("network", f"pulled generation {number} refused, keeping "
@@ -594,10 +592,7 @@ class Agent:
         stuck = []
         for link in reversed(links):
             try:
-                with link.node.lock():
-                    rules = ruleset_from_config(link.cfg, catalog.load(link.node.run_dir),
-                                                None, share)
-                    apply_generation(link.node, rules)
+                link.regenerate(link.cfg, None, share)
             except Exception as e:
                 stuck.append(f"{link.cfg.interface}: {type(e).__name__}: {e}")
         if stuck:
